@@ -1,0 +1,1 @@
+"""sharechat: anonymous IRC-style chat rooms over websockets."""

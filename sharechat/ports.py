@@ -1,0 +1,110 @@
+"""The ports the controller depends on; adapters live one per technology.
+
+The controller imports nothing from aiohttp, aiopg or redis: it talks to the
+repository, the queue and each member's connection through these Protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+from uuid import UUID
+
+from sharechat.domain import Member, Message, Room
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A slice of a room's history. At most one cursor; results oldest first.
+
+    No cursor or `before`: the newest `limit` messages of the selection.
+    `after`: the oldest `limit` messages right after the cursor.
+    """
+
+    before: UUID | None = None
+    after: UUID | None = None
+    limit: int | None = None
+
+
+class Repository(Protocol):
+    """Rooms, members and messages. Raises BackendUnavailable when it cannot answer."""
+
+    async def ping(self) -> None: ...
+
+    async def create_room(self, room: Room) -> None: ...
+
+    async def get_room(self, room_id: UUID) -> Room:
+        """Raises RoomNotFound."""
+        ...
+
+    async def list_members(self, room_id: UUID) -> list[Member]:
+        """Every member of the room on every instance; raises RoomNotFound."""
+        ...
+
+    async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
+        """Raises RoomNotFound, or MessageNotFound for a cursor not in the room."""
+        ...
+
+    async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
+        """Store the member and its `joined` message together; return the message."""
+        ...
+
+    async def remove_member(self, room_id: UUID, member: Member) -> Message:
+        """Delete the member and store its `left` message together; return the message."""
+        ...
+
+    async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
+        """Store a chat message; `sent` is assigned here."""
+        ...
+
+    async def delete_message(self, message_id: UUID) -> None:
+        """Undo add_message for a message the room never saw (publish failed)."""
+        ...
+
+    async def renew_lease(self, instance_id: UUID, lease_seconds: float) -> None:
+        """Record that this instance is alive for the next `lease_seconds`."""
+        ...
+
+    async def release_lease(self, instance_id: UUID) -> None:
+        """Forget this instance: it left cleanly, its members are gone already."""
+        ...
+
+    async def reap_expired_instances(self) -> list[Message]:
+        """Remove the members of instances whose lease ran out; return their `left` messages.
+
+        Safe to run on every instance at once: each dead member is reaped once.
+        """
+        ...
+
+    async def delete_idle_rooms(self, idle_seconds: float) -> list[UUID]:
+        """Delete rooms with no member for `idle_seconds`, with their messages."""
+        ...
+
+
+class Queue(Protocol):
+    """Fan-out of published messages to every instance that serves the room."""
+
+    async def ping(self) -> None: ...
+
+    async def publish(self, room_id: UUID, payload: str) -> None:
+        """Raises BackendUnavailable; then nobody received the payload."""
+        ...
+
+    async def subscribe(self, room_id: UUID) -> None:
+        """Return once payloads published to the room from now on will be received."""
+        ...
+
+    async def unsubscribe(self, room_id: UUID) -> None: ...
+
+    def received(self) -> AsyncIterator[tuple[UUID, str]]:
+        """Every payload published to a subscribed room, in publish order per room."""
+        ...
+
+
+class Peer(Protocol):
+    """One member's connection (an aiohttp WebSocketResponse fits)."""
+
+    async def send_str(self, data: str, /) -> None: ...
+
+    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
