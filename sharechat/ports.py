@@ -50,8 +50,11 @@ class Repository(Protocol):
         """Store the member and its `joined` message together; return the message."""
         ...
 
-    async def remove_member(self, room_id: UUID, member: Member) -> Message:
-        """Delete the member and store its `left` message together; return the message."""
+    async def remove_member(self, room_id: UUID, member: Member) -> Message | None:
+        """Delete the member and store its `left` message together; return the message.
+
+        None when the member was already gone (reaped): there is nothing to publish.
+        """
         ...
 
     async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
