@@ -1,0 +1,85 @@
+"""The composition root: picks the adapters from the configuration and wires the app."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator
+from uuid import UUID, uuid4
+
+from aiohttp import web
+
+from sharechat import web as routes
+from sharechat.config import Config
+from sharechat.controller import Controller
+from sharechat.memory import MemoryQueue, MemoryRepository
+from sharechat.ports import Queue, Repository
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 5.0  # seconds members get to leave cleanly on shutdown
+
+
+def create_app(config: Config, instance_id: UUID | None = None) -> web.Application:
+    app = web.Application(middlewares=[routes.json_errors])
+    app[routes.CONFIG] = config
+    app[routes.SOCKETS] = weakref.WeakSet()
+    instance = instance_id or uuid4()
+
+    async def chat(app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            repository = await stack.enter_async_context(open_repository(config))
+            queue = await stack.enter_async_context(open_queue(config, instance))
+            controller = Controller(repository, queue, config, instance)
+            await stack.enter_async_context(controller.running())
+            app[routes.CONTROLLER] = controller
+            log.info("instance %s ready: %s", instance, describe_backends(config))
+            yield
+
+    app.cleanup_ctx.append(chat)
+    app.on_shutdown.append(_say_goodbye)
+    routes.setup_routes(app)
+    return app
+
+
+async def _say_goodbye(app: web.Application) -> None:
+    """Close every websocket with 1001 and let each member's `left` be recorded."""
+    await app[routes.CONTROLLER].close_all("server shutting down", SHUTDOWN_GRACE)
+
+
+def describe_backends(config: Config) -> str:
+    repository = "PostgreSQL" if config.database_url else "in-memory repository"
+    queue = "Redis" if config.redis_url else "in-process queue"
+    return f"{repository}, {queue}"
+
+
+@contextlib.asynccontextmanager
+async def open_repository(config: Config) -> AsyncIterator[Repository]:
+    if not config.database_url:
+        yield MemoryRepository()
+        return
+    # Imported here so that the embedded mode never needs aiopg.
+    from sharechat.migrations import migrate
+    from sharechat.postgres import open_postgres_repository
+
+    applied = await migrate(config.database_url)
+    if applied:
+        log.info("migrations applied: %s", ", ".join(applied))
+    async with open_postgres_repository(
+        config.database_url, pool_max=config.db_pool_size, timeout=config.backend_timeout
+    ) as repository:
+        yield repository
+
+
+@contextlib.asynccontextmanager
+async def open_queue(config: Config, instance_id: UUID) -> AsyncIterator[Queue]:
+    if not config.redis_url:
+        yield MemoryQueue()
+        return
+    from sharechat.redis_queue import open_redis_queue
+
+    async with open_redis_queue(
+        config.redis_url, prefix=config.redis_prefix, instance_id=instance_id
+    ) as queue:
+        yield queue

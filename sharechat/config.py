@@ -1,0 +1,210 @@
+"""Settings from flags and environment, checked once at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A bad setting; the message is one line naming it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    allowed_origins: tuple[str, ...] = ()  # empty: any origin
+    room_idle_ttl: float = 3600.0
+    max_message_bytes: int = 4096
+    ping_interval: float = 30.0
+    rate_limit: float = 5.0  # chat messages a second per member; 0 = no limit
+    rate_burst: int = 20
+    send_queue: int = 1024  # frames waiting for one member before it is dropped as too slow
+    log_level: str = "INFO"
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "sharechat:"
+    db_pool_size: int = 10
+    backend_timeout: float = 5.0
+    instance_lease: float = 10.0  # a dead instance's members are reaped after this
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number, 0 or more")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    return tuple(origin.strip().rstrip("/") for origin in text.split(",") if origin.strip())
+
+
+def _url(*schemes: str) -> Callable[[str], str | None]:
+    def parse(text: str) -> str | None:
+        if not text:
+            return None
+        parts = urlsplit(text)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL")
+        return text
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class _Setting:
+    field: str
+    flag: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+_SETTINGS = (
+    _Setting("host", "--host", "HOST", _text, "address to listen on"),
+    _Setting("port", "--port", "PORT", _port, "port to listen on"),
+    _Setting(
+        "allowed_origins", "--allowed-origin", "SHARECHAT_ALLOWED_ORIGINS", _origins,
+        "origin allowed to open a websocket (repeatable; default: any)",
+    ),
+    _Setting(
+        "room_idle_ttl", "--room-idle-ttl", "SHARECHAT_ROOM_IDLE_TTL", _positive_seconds,
+        "seconds a room may stay empty before it is deleted",
+    ),
+    _Setting(
+        "max_message_bytes", "--max-message-bytes", "SHARECHAT_MAX_MESSAGE_BYTES",
+        _positive_int, "largest chat message, in UTF-8 bytes",
+    ),
+    _Setting(
+        "ping_interval", "--ping-interval", "SHARECHAT_PING_INTERVAL", _positive_seconds,
+        "seconds between websocket pings",
+    ),
+    _Setting(
+        "rate_limit", "--rate-limit", "SHARECHAT_RATE_LIMIT", _rate,
+        "chat messages a second per member, sustained (0 = no limit)",
+    ),
+    _Setting(
+        "rate_burst", "--rate-burst", "SHARECHAT_RATE_BURST", _positive_int,
+        "chat messages a member may send at once",
+    ),
+    _Setting(
+        "send_queue", "--send-queue", "SHARECHAT_SEND_QUEUE", _positive_int,
+        "frames queued for one member before it is disconnected as too slow",
+    ),
+    _Setting("log_level", "--log-level", "LOG_LEVEL", _log_level, "logging level"),
+    _Setting(
+        "database_url", "--database-url", "DATABASE_URL", _url("postgresql", "postgres"),
+        "PostgreSQL URL (default: in-memory repository)",
+    ),
+    _Setting(
+        "redis_url", "--redis-url", "REDIS_URL", _url("redis", "rediss"),
+        "Redis URL (default: in-process queue; needs a database)",
+    ),
+    _Setting(
+        "redis_prefix", "--redis-prefix", "SHARECHAT_REDIS_PREFIX", _text,
+        "prefix of the Redis channels",
+    ),
+    _Setting(
+        "db_pool_size", "--db-pool-size", "SHARECHAT_DB_POOL_SIZE", _positive_int,
+        "PostgreSQL connections per instance",
+    ),
+    _Setting(
+        "backend_timeout", "--backend-timeout", "SHARECHAT_BACKEND_TIMEOUT", _positive_seconds,
+        "seconds to wait for PostgreSQL or Redis before giving up",
+    ),
+    _Setting(
+        "instance_lease", "--instance-lease", "SHARECHAT_INSTANCE_LEASE", _positive_seconds,
+        "seconds after which a silent instance's members are removed",
+    ),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every setting as a flag; values stay strings until `load` checks them."""
+    defaults = Config()
+    for setting in _SETTINGS:
+        default = getattr(defaults, setting.field)
+        help_text = f"{setting.help} (env {setting.env}; default {default!r})"
+        if setting.field == "allowed_origins":
+            parser.add_argument(setting.flag, dest=setting.field, action="append", help=help_text)
+        else:
+            parser.add_argument(setting.flag, dest=setting.field, help=help_text)
+
+
+def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Flags win over environment, environment over defaults."""
+    values: dict[str, Any] = {}
+    for setting in _SETTINGS:
+        raw = getattr(args, setting.field, None)
+        if isinstance(raw, list):
+            raw = ",".join(raw)
+        source = setting.flag
+        if raw is None:
+            raw, source = environ.get(setting.env), setting.env
+        if raw is None:
+            continue
+        try:
+            values[setting.field] = setting.parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"invalid {source} {raw!r}: {_reason(error)}") from None
+    config = Config(**values)
+    if config.redis_url and not config.database_url:
+        raise ConfigError(
+            "REDIS_URL is set but DATABASE_URL is not: several instances need a shared "
+            "database, set DATABASE_URL too (or unset REDIS_URL for one instance)"
+        )
+    return config
+
+
+def from_argv(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """A Config from `serve`-style arguments; handy for tests and tools."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load(parser.parse_args(list(argv)), environ)
+
+
+def _reason(error: ValueError) -> str:
+    text = str(error)
+    if text.startswith(("invalid literal", "could not convert")):
+        return "not a number"
+    return text
+
+

@@ -1,0 +1,403 @@
+"""The chat itself: rooms with local members, fan-out, and the room lifecycle.
+
+It depends on the ports only. A room is in the registry while it has members
+on this instance; its queue channel is subscribed for exactly that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable
+from uuid import UUID, uuid4
+
+from sharechat import names
+from sharechat.config import Config
+from sharechat.domain import (
+    BackendUnavailable,
+    Member,
+    Message,
+    Room,
+    failed_message,
+)
+from sharechat.ports import Page, Peer, Queue, Repository
+
+log = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+
+
+class RateLimiter:
+    """A token bucket: `burst` at once, `rate` a second sustained; rate 0 = no limit."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._updated = time.monotonic()
+
+    def allow(self) -> bool:
+        if not self._rate:
+            return True
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
+        self._updated = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class Session:
+    """One connected member: its bounded outbox and the task that writes it out.
+
+    Delivery never waits for the peer: frames queue here, and a member whose
+    queue overflows is disconnected rather than allowed to slow the room down.
+    """
+
+    def __init__(self, room_id: UUID, member: Member, peer: Peer, config: Config) -> None:
+        self.room_id = room_id
+        self.member = member
+        self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        self._peer = peer
+        self._outbox: deque[str] = deque()
+        self._max_outbox = config.send_queue
+        self._wakeup = asyncio.Event()
+        self._joined_payload: str | None = None
+        self.joined = asyncio.Event()  # set once its own `joined` is in the outbox
+        self._closing: asyncio.Task[bool] | None = None
+        self._writer = asyncio.create_task(self._write_loop())
+
+    def expect_joined(self, payload: str) -> None:
+        self._joined_payload = payload
+
+    def deliver(self, payload: str) -> None:
+        if not self.joined.is_set():
+            # What the room said before this member's own `joined` is history to it:
+            # its first frame must be that `joined`.
+            if payload != self._joined_payload:
+                return
+            self.joined.set()
+        self.send(payload)
+
+    def send(self, payload: str) -> None:
+        if self._closing is not None:
+            return
+        if len(self._outbox) >= self._max_outbox:
+            log.info("member %s too slow, disconnecting", self.member.id)
+            self.close(CLOSE_POLICY_VIOLATION, "too slow: outgoing buffer full")
+            return
+        self._outbox.append(payload)
+        self._wakeup.set()
+
+    def close(self, code: int, reason: str) -> None:
+        """Stop writing and close the connection; the reader then leaves the room."""
+        if self._closing is not None:
+            return
+        self._outbox.clear()
+        self._writer.cancel()
+        self._closing = asyncio.create_task(self._peer.close(code=code, message=reason.encode()))
+
+    async def stop(self) -> None:
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        if self._closing is not None:
+            with contextlib.suppress(Exception):
+                await self._closing  # bounded by the peer's own close timeout
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._outbox:
+                    await self._peer.send_str(self._outbox.popleft())
+        except (ConnectionError, RuntimeError) as error:
+            # The connection is going away; the reader notices and leaves.
+            log.debug("writer of %s stopped: %s", self.member.id, error)
+
+
+class LiveRoom:
+    def __init__(self, subscription: asyncio.Task[None]) -> None:
+        self.subscription = subscription
+        self.sessions: dict[UUID, Session] = {}
+
+
+class Controller:
+    def __init__(
+        self, repository: Repository, queue: Queue, config: Config, instance_id: UUID
+    ) -> None:
+        self._repository = repository
+        self._queue = queue
+        self._config = config
+        self.instance_id = instance_id
+        self._rooms: dict[UUID, LiveRoom] = {}
+        self._sessions: set[Session] = set()
+        self._all_left = asyncio.Event()
+        self._all_left.set()
+        self._unrecorded_leaves: list[tuple[UUID, Member]] = []
+
+    # -- rooms and history ---------------------------------------------------
+
+    async def create_room(self) -> Room:
+        room = Room(id=uuid4(), name=names.room_name())
+        await self._repository.create_room(room)
+        log.info("room created %s %r", room.id, room.name)
+        return room
+
+    async def get_room(self, room_id: UUID) -> Room:
+        return await self._repository.get_room(room_id)
+
+    async def room_members(self, room_id: UUID) -> tuple[Room, list[Member]]:
+        room = await self._repository.get_room(room_id)
+        return room, await self._repository.list_members(room_id)
+
+    async def history(self, room_id: UUID, page: Page) -> list[Message]:
+        return await self._repository.list_messages(room_id, page)
+
+    # -- members -------------------------------------------------------------
+
+    async def join(self, room_id: UUID, peer: Peer) -> Session:
+        """Store the member and its `joined`, publish it, and wait until it is delivered.
+
+        Raises RoomNotFound or BackendUnavailable; then the member never existed.
+        """
+        member = Member(id=uuid4(), name=names.member_name())
+        session = Session(room_id, member, peer, self._config)
+        room = self._enter(session)
+        stored: Message | None = None
+        try:
+            await asyncio.shield(room.subscription)
+            stored = await self._repository.add_member(room_id, member, self.instance_id)
+            payload = stored.to_json()
+            session.expect_joined(payload)
+            await self._queue.publish(room_id, payload)
+            async with asyncio.timeout(self._config.backend_timeout):
+                await session.joined.wait()
+        except BaseException as error:
+            await self._undo_join(session, stored)
+            if isinstance(error, TimeoutError):
+                raise BackendUnavailable("queue did not deliver the joined message") from error
+            raise
+        log.info("member joined %s %r room %s", member.id, member.name, room_id)
+        return session
+
+    async def say(self, session: Session, text: str) -> None:
+        """One text frame from a member: check it, store it, publish it."""
+        if not text.strip():
+            return
+        problem = self._problem_with(session, text)
+        if problem:
+            self.reject(session, problem)
+            return
+        try:
+            message = await self._repository.add_message(session.room_id, session.member, text)
+        except BackendUnavailable as error:
+            log.warning("message of %s not stored: %s", session.member.id, error)
+            self.reject(session, "not sent: the message could not be stored")
+            return
+        try:
+            await self._queue.publish(session.room_id, message.to_json())
+        except BackendUnavailable as error:
+            log.warning("message %s not published: %s", message.id, error)
+            await self._forget(message)
+            self.reject(session, "not sent: the message could not be delivered")
+
+    def reject(self, session: Session, reason: str) -> None:
+        """A `failed` message for the sender alone."""
+        session.send(failed_message(session.room_id, session.member, reason).to_json())
+
+    async def leave(self, session: Session) -> None:
+        """Remove the member for good and tell the room; once per joined session."""
+        try:
+            await self._exit_room(session)
+            await self._record_leave(session.room_id, session.member)
+        finally:
+            await self._drop(session)
+
+    async def _record_leave(self, room_id: UUID, member: Member) -> None:
+        try:
+            left = await self._repository.remove_member(room_id, member)
+        except BackendUnavailable as error:
+            log.warning("leave of %s not recorded yet: %s", member.id, error)
+            self._unrecorded_leaves.append((room_id, member))
+            return
+        log.info("member left %s room %s", member.id, room_id)
+        if left is not None:
+            await self._announce(left)
+
+    def _problem_with(self, session: Session, text: str) -> str | None:
+        if not session.limiter.allow():
+            return "rate limited: slow down"
+        limit = self._config.max_message_bytes
+        if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
+            size = len(text.encode())
+            return f"message too long: {size} bytes, the limit is {limit}"
+        if "\x00" in text:
+            return "message contains a NUL character"
+        return None
+
+    # -- the local registry ----------------------------------------------------
+
+    def _enter(self, session: Session) -> LiveRoom:
+        room = self._rooms.get(session.room_id)
+        if room is None:
+            room = LiveRoom(asyncio.create_task(self._queue.subscribe(session.room_id)))
+            self._rooms[session.room_id] = room
+        room.sessions[session.member.id] = session
+        self._sessions.add(session)
+        self._all_left.clear()
+        return room
+
+    async def _exit_room(self, session: Session) -> None:
+        """No more deliveries to this member; the last one out unsubscribes the room."""
+        room = self._rooms.get(session.room_id)
+        if room is None or room.sessions.pop(session.member.id, None) is None:
+            return
+        if not room.sessions:
+            del self._rooms[session.room_id]
+            await self._unsubscribe(session.room_id, room)
+
+    async def _drop(self, session: Session) -> None:
+        await session.stop()
+        self._sessions.discard(session)
+        if not self._sessions:
+            self._all_left.set()
+
+    async def _unsubscribe(self, room_id: UUID, room: LiveRoom) -> None:
+        try:
+            await room.subscription  # it may have failed; then there is nothing to undo
+            await self._queue.unsubscribe(room_id)
+        except BackendUnavailable as error:
+            log.warning("unsubscribe of room %s failed: %s", room_id, error)
+
+    async def _undo_join(self, session: Session, stored: Message | None) -> None:
+        try:
+            await self._exit_room(session)
+            if stored is not None:
+                await self._erase_member(session, stored)
+        finally:
+            await self._drop(session)
+
+    async def _erase_member(self, session: Session, joined: Message) -> None:
+        """The room never saw this member join: take it and its traces back out."""
+        try:
+            left = await self._repository.remove_member(session.room_id, session.member)
+        except BackendUnavailable:
+            self._unrecorded_leaves.append((session.room_id, session.member))
+            return
+        await self._forget(joined)
+        if left is not None:
+            await self._forget(left)
+
+    async def _forget(self, message: Message) -> None:
+        """Delete a stored message that the room never saw."""
+        try:
+            await self._repository.delete_message(message.id)
+        except BackendUnavailable as error:
+            log.error("message %s stored but not seen, not deleted: %s", message.id, error)
+
+    async def _announce(self, message: Message) -> None:
+        try:
+            await self._queue.publish(message.room_id, message.to_json())
+        except BackendUnavailable as error:
+            log.warning("%s of %s not published: %s", message.type, message.member_id, error)
+
+    # -- background work -------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Dispatch and housekeeping run while inside; on the way out members leave."""
+        tasks = [
+            asyncio.create_task(self._dispatch(), name="dispatch"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(BackendUnavailable):
+                await self._repository.release_lease(self.instance_id)
+
+    async def close_all(self, reason: str, grace: float) -> None:
+        """Close every websocket with 1001 and wait until each member has left."""
+        for session in list(self._sessions):
+            session.close(CLOSE_GOING_AWAY, reason)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._all_left.wait()
+
+    async def _dispatch(self) -> None:
+        async for room_id, payload in self._queue.received():
+            room = self._rooms.get(room_id)
+            if room is not None:
+                for session in room.sessions.values():
+                    session.deliver(payload)
+
+    async def _housekeeping(self) -> None:
+        config = self._config
+        interval = max(0.05, min(config.instance_lease / 3, config.room_idle_ttl / 4, 5.0))
+        while True:
+            for chore in (self._renew_lease, self._record_leaves, self._reap, self._expire_rooms):
+                await self._attempt(chore())
+            await asyncio.sleep(interval)
+
+    async def _attempt(self, chore: Awaitable[None]) -> None:
+        try:
+            await chore
+        except BackendUnavailable as error:
+            log.warning("housekeeping postponed: %s", error)
+
+    async def _renew_lease(self) -> None:
+        await self._repository.renew_lease(self.instance_id, self._config.instance_lease)
+
+    async def _record_leaves(self) -> None:
+        while self._unrecorded_leaves:
+            room_id, member = self._unrecorded_leaves[0]
+            left = await self._repository.remove_member(room_id, member)
+            self._unrecorded_leaves.pop(0)
+            if left is not None:
+                await self._announce(left)
+
+    async def _reap(self) -> None:
+        for left in await self._repository.reap_expired_instances():
+            log.info("member reaped %s room %s", left.member_id, left.room_id)
+            await self._announce(left)
+
+    async def _expire_rooms(self) -> None:
+        for room_id in await self._repository.delete_idle_rooms(self._config.room_idle_ttl):
+            log.info("room expired %s", room_id)
+            room = self._rooms.get(room_id)
+            for session in room.sessions.values() if room else ():
+                session.close(CLOSE_GOING_AWAY, "room expired")
+
+    # -- health --------------------------------------------------------------------
+
+    async def health(self) -> dict[str, str]:
+        repository, queue = await asyncio.gather(
+            _check(self._repository.ping()), _check(self._queue.ping())
+        )
+        ok = repository == "ok" and queue == "ok"
+        return {"status": "ok" if ok else "unavailable", "repository": repository, "queue": queue}
+
+
+HEALTH_CHECK_SECONDS = 2.0
+
+
+async def _check(probe: Awaitable[None]) -> str:
+    try:
+        async with asyncio.timeout(HEALTH_CHECK_SECONDS):
+            await probe
+    except TimeoutError:
+        return "timed out"
+    except BackendUnavailable as error:
+        return str(error) or "unavailable"
+    return "ok"
+

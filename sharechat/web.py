@@ -1,0 +1,230 @@
+"""HTTP and websocket handlers: the only place domain errors become HTTP answers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from sharechat.config import Config
+from sharechat.controller import Controller
+from sharechat.domain import BackendUnavailable, Member, Message, MessageNotFound, RoomNotFound
+from sharechat.ports import Page
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+CONTROLLER = web.AppKey("controller", Controller)
+SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_PAGE = 1000
+# Frames up to this size are read and answered with `failed`; larger ones close with 1009.
+FRAME_CEILING = 1 << 20
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+WELCOME = """sharechat: anonymous chat rooms.
+
+  curl -X POST {base}/api/room                      create a room
+  websocat {ws}/api/serve/<roomId>                  chat in it: type a line, press enter
+  {base}/r/<roomId>                                 or open the room in a browser
+"""
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/", index)
+    app.router.add_get("/r/{room_id}", room_page)
+    app.router.add_static("/static/", STATIC_DIR)
+    app.router.add_get("/api/healthz", healthz)
+    app.router.add_post("/api/room", create_room)
+    app.router.add_get("/api/room/{room_id}", get_room)
+    app.router.add_get("/api/room/{room_id}/messages", get_messages)
+    app.router.add_get("/api/serve/{room_id}", serve_room)
+    app.on_response_prepare.append(_security_headers)
+
+
+# -- pages -----------------------------------------------------------------------
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.FileResponse(STATIC_DIR / "index.html")
+    base = f"{request.scheme}://{request.host}"
+    ws = base.replace("http", "ws", 1)
+    return web.Response(text=WELCOME.format(base=base, ws=ws))
+
+
+async def room_page(request: web.Request) -> web.StreamResponse:
+    # Always the page: it asks the API whether the room exists and says so itself.
+    return web.FileResponse(STATIC_DIR / "room.html")
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+
+
+# -- the API -----------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    report = await request.app[CONTROLLER].health()
+    return web.json_response(report, status=200 if report["status"] == "ok" else 503)
+
+
+async def create_room(request: web.Request) -> web.Response:
+    room = await request.app[CONTROLLER].create_room()
+    return web.json_response({"roomId": str(room.id), "roomName": room.name})
+
+
+async def get_room(request: web.Request) -> web.Response:
+    room, members = await request.app[CONTROLLER].room_members(_room_id(request))
+    body = {"roomId": str(room.id), "roomName": room.name, "members": _members(members)}
+    return web.json_response(body)
+
+
+async def get_messages(request: web.Request) -> web.Response:
+    room_id = _room_id(request)
+    page = _page(request.query)
+    messages = await request.app[CONTROLLER].history(room_id, page)
+    return _json_text(_message_array(messages))
+
+
+def _members(members: list[Member]) -> list[dict[str, str]]:
+    return [member.to_dict() for member in members]
+
+
+def _message_array(messages: list[Message]) -> str:
+    # The same text per message as the websocket frames carry.
+    return "[" + ",".join(message.to_json() for message in messages) + "]"
+
+
+def _room_id(request: web.Request) -> UUID:
+    try:
+        return UUID(request.match_info["room_id"])
+    except ValueError:
+        raise RoomNotFound(request.match_info["room_id"]) from None
+
+
+def _page(query: Any) -> Page:
+    before, after = _cursor(query, "before"), _cursor(query, "after")
+    if before and after:
+        raise web.HTTPBadRequest(reason="use either before or after, not both")
+    return Page(before=before, after=after, limit=_limit(query))
+
+
+def _cursor(query: Any, name: str) -> UUID | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    try:
+        return UUID(value)
+    except ValueError:
+        raise web.HTTPBadRequest(reason=f"{name} must be a message id") from None
+
+
+def _limit(query: Any) -> int | None:
+    value = query.get("limit")
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_PAGE:
+        raise web.HTTPBadRequest(reason=f"limit must be a whole number from 1 to {MAX_PAGE}")
+    return int(value)
+
+
+# -- the websocket -------------------------------------------------------------------
+
+
+async def serve_room(request: web.Request) -> web.StreamResponse:
+    config, controller = request.app[CONFIG], request.app[CONTROLLER]
+    room_id = _room_id(request)
+    _check_origin(request, config.allowed_origins)
+    await controller.get_room(room_id)  # 404 before any upgrade
+    ws = web.WebSocketResponse(
+        heartbeat=config.ping_interval,
+        max_msg_size=max(FRAME_CEILING, 4 * config.max_message_bytes),
+    )
+    await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
+    try:
+        session = await controller.join(room_id, ws)
+    except (RoomNotFound, BackendUnavailable) as error:
+        log.warning("join refused in room %s: %r", room_id, error)
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=_refusal(error))
+        return ws
+    try:
+        async for frame in ws:
+            if frame.type is WSMsgType.TEXT:
+                await controller.say(session, frame.data)
+            elif frame.type is WSMsgType.BINARY:
+                controller.reject(session, "binary frames are not supported: send text")
+    finally:
+        await controller.leave(session)
+    return ws
+
+
+def _check_origin(request: web.Request, allowed: tuple[str, ...]) -> None:
+    origin = request.headers.get("Origin")
+    # Browsers always send Origin on websockets; websocat and curl do not.
+    if origin is not None and allowed and origin.rstrip("/") not in allowed:
+        raise web.HTTPForbidden(reason=f"origin {origin} is not allowed")
+
+
+def _refusal(error: Exception) -> bytes:
+    if isinstance(error, RoomNotFound):
+        return b"room no longer exists"
+    return b"service unavailable, try again"
+
+
+# -- errors ---------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is JSON `{"error": ...}`: never a stack trace, never HTML."""
+    try:
+        return await handler(request)
+    except RoomNotFound:
+        return _error(404, "room not found")
+    except MessageNotFound:
+        return _error(400, "cursor is not a message of this room")
+    except BackendUnavailable as error:
+        log.warning("%s %s: backend unavailable: %s", request.method, request.path, error)
+        return _error(503, "service unavailable, try again")
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return _error(error.status, _http_reason(error), error.headers.get("Allow"))
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal error")
+
+
+def _http_reason(error: web.HTTPException) -> str:
+    if isinstance(error, web.HTTPMethodNotAllowed):
+        return f"method {error.method} not allowed"
+    if error.status == 404:
+        return "not found"
+    return error.reason
+
+
+def _error(status: int, text: str, allow: str | None = None) -> web.Response:
+    response = _json_text(json.dumps({"error": text}), status)
+    if allow:
+        response.headers["Allow"] = allow
+    return response
+
+
+def _json_text(text: str, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=text, content_type="application/json")
