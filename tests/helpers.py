@@ -1,0 +1,65 @@
+"""Small helpers shared by the tests: every wait has a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+WAIT = 5.0  # seconds any single expected event may take
+MESSAGE_KEYS = {"id", "roomId", "memberId", "memberName", "type", "message", "sent"}
+SENT_FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
+NAME_FORMAT = re.compile(r"^[A-Z][a-z]+ [A-Z][a-z]+$")
+
+
+async def receive_json(ws: aiohttp.ClientWebSocketResponse, wait: float = WAIT) -> Any:
+    async with asyncio.timeout(wait):
+        frame = await ws.receive()
+    assert frame.type is aiohttp.WSMsgType.TEXT, f"expected a text frame, got {frame!r}"
+    return json.loads(frame.data)
+
+
+async def receive_until(
+    ws: aiohttp.ClientWebSocketResponse, wanted: Callable[[Any], bool], wait: float = WAIT
+) -> tuple[Any, list[Any]]:
+    """Read frames until one is `wanted`; returns it and the frames before it."""
+    skipped: list[Any] = []
+    async with asyncio.timeout(wait):
+        while True:
+            message = await receive_json(ws, wait)
+            if wanted(message):
+                return message, skipped
+            skipped.append(message)
+
+
+async def receive_close(ws: aiohttp.ClientWebSocketResponse, wait: float = WAIT) -> int | None:
+    """Drain frames until the server closes; returns the close code."""
+    async with asyncio.timeout(wait):
+        while True:
+            frame = await ws.receive()
+            if frame.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.ERROR,
+            ):
+                return ws.close_code
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], wait: float = WAIT) -> None:
+    """Poll `check` until it holds; fail after `wait` seconds."""
+    async with asyncio.timeout(wait):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
