@@ -1,0 +1,159 @@
+"""Runs one scenario against a running server with several load-generating processes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiohttp
+
+from bench.plan import Plan, Seat, Tally
+from bench.procfs import machine_cpu, process_cpu, rss_kib
+from bench.scenarios import Kind, Scenario
+from bench.worker import process_main
+
+START_DELAY_NS = 200_000_000  # lets every process get the "go" before t0
+SETTLE_S = 1.0  # after the connections are made, before reading the server's memory
+PHASE_TIMEOUT = 120.0
+
+
+@dataclass
+class Sample:
+    """What the coordinator saw of the server and the machine while the scenario ran."""
+
+    rss_before_kib: int = 0
+    rss_connected_kib: int = 0
+    wall_seconds: float = 0.0
+    server_cpu_seconds: float = 0.0
+    machine_busy_seconds: float = 0.0
+
+
+@dataclass
+class Raw:
+    scenario: Scenario
+    processes: int
+    tallies: list[Tally]
+    sample: Sample
+
+
+def run_scenario(sc: Scenario, base_url: str, server_pid: int, processes: int) -> Raw:
+    room_ids = asyncio.run(create_rooms(base_url, sc.rooms))
+    plans = make_plans(sc, base_url, room_ids, processes)
+    sample = Sample(rss_before_kib=rss_kib(server_pid))
+    with workers(plans) as conns:
+        gather(conns, "ready")
+        time.sleep(SETTLE_S)
+        sample.rss_connected_kib = rss_kib(server_pid)
+        t0 = time.monotonic_ns() + START_DELAY_NS
+        broadcast(conns, "go", t0)
+        measure(sample, server_pid, t0, t0 + int((sc.warmup + sc.duration) * 1e9))
+        sent: dict[int, tuple[int, int]] = {}
+        for part in gather(conns, "sent"):
+            sent.update(part)
+        broadcast(conns, "expect", {idx: n - failed for idx, (n, failed) in sent.items()})
+        tallies: list[Tally] = gather(conns, "result")
+    return Raw(sc, len(plans), tallies, sample)
+
+
+async def create_rooms(base_url: str, count: int) -> tuple[str, ...]:
+    async with aiohttp.ClientSession(raise_for_status=True) as session:
+
+        async def one() -> str:
+            async with session.post(f"{base_url}/api/room") as resp:
+                room_id: str = (await resp.json())["roomId"]
+                return room_id
+
+        return tuple(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def make_plans(
+    sc: Scenario, base_url: str, room_ids: tuple[str, ...], processes: int
+) -> list[Plan]:
+    """Seats dealt round-robin over the processes, so every room spans them."""
+    seats = list(make_seats(sc))
+    processes = max(1, min(processes, sc.members if sc.kind is Kind.CHURN else len(seats)))
+    room_of = tuple(seat.room for seat in seats)
+    return [
+        Plan(
+            base_url=base_url,
+            room_ids=room_ids,
+            room_of=room_of,
+            seats=tuple(seats[p::processes]),
+            churners=len(range(p, sc.members, processes)) if sc.kind is Kind.CHURN else 0,
+            concurrency=max(1, sc.connect_concurrency // processes),
+            warmup_ns=int(sc.warmup * 1e9),
+            duration_ns=int(sc.duration * 1e9),
+        )
+        for p in range(processes)
+    ]
+
+
+def make_seats(sc: Scenario) -> Iterator[Seat]:
+    if sc.kind is Kind.CHURN:  # one observer; the churning clients are not seats
+        yield Seat(idx=0, room=0, inflight=0, observer=True)
+        return
+    for room in range(sc.rooms):
+        for i in range(sc.members):
+            idx = room * sc.members + i
+            if sc.kind is Kind.CONNECTIONS:  # the first member of each room probes it once
+                yield Seat(idx, room, inflight=1 if i == 0 else 0, limit=1)
+            else:
+                yield Seat(idx, room, inflight=sc.inflight)
+
+
+def measure(sample: Sample, pid: int, start_ns: int, end_ns: int) -> None:
+    """CPU of the server and of the whole machine from start_ns to end_ns (monotonic)."""
+    sleep_until(start_ns)
+    server0, (busy0, _) = process_cpu(pid), machine_cpu()
+    sleep_until(end_ns)
+    sample.server_cpu_seconds = process_cpu(pid) - server0
+    sample.machine_busy_seconds = machine_cpu()[0] - busy0
+    sample.wall_seconds = (end_ns - start_ns) / 1e9
+
+
+def sleep_until(t_ns: int) -> None:
+    time.sleep(max(0, t_ns - time.monotonic_ns()) / 1e9)
+
+
+@contextmanager
+def workers(plans: list[Plan]) -> Iterator[list[Connection]]:
+    ctx = multiprocessing.get_context("spawn")
+    pairs = [ctx.Pipe() for _ in plans]
+    procs = [
+        ctx.Process(target=process_main, args=(child, plan), daemon=True)
+        for (_, child), plan in zip(pairs, plans, strict=True)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        yield [parent for parent, _ in pairs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=PHASE_TIMEOUT)
+            if proc.is_alive():
+                proc.kill()
+
+
+def broadcast(conns: list[Connection], tag: str, payload: Any) -> None:
+    for conn in conns:
+        conn.send((tag, payload))
+
+
+def gather(conns: list[Connection], tag: str) -> list[Any]:
+    """One `tag` answer from every process; a process's error is raised here."""
+    deadline = time.monotonic() + PHASE_TIMEOUT
+    answers = []
+    for conn in conns:
+        if not conn.poll(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"no {tag!r} from a load generator in {PHASE_TIMEOUT:.0f} s")
+        got, payload = conn.recv()
+        if got != tag:
+            raise RuntimeError(f"load generator answered {got!r}: {payload}")
+        answers.append(payload)
+    return answers

@@ -1,0 +1,151 @@
+"""One connected member: sends a window of messages and checks what it receives."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+from aiohttp import ClientWebSocketResponse, WSMsgType
+
+from bench.plan import Seat, Tally, Window
+
+
+class Pair:
+    """What one receiver got from one sender: seq numbers are checked in order."""
+
+    __slots__ = ("distinct", "duplicated", "gaps", "high", "reordered")
+
+    def __init__(self) -> None:
+        self.high = -1
+        self.distinct = 0
+        self.duplicated = 0
+        self.reordered = 0
+        self.gaps: set[int] = set()
+
+    def see(self, seq: int) -> None:
+        if seq > self.high:
+            self.gaps.update(range(self.high + 1, seq))
+            self.high = seq
+            self.distinct += 1
+        elif seq in self.gaps:
+            self.gaps.discard(seq)
+            self.reordered += 1
+            self.distinct += 1
+        else:
+            self.duplicated += 1
+
+
+class Presence:
+    """Member ids seen joining and not yet seen leaving (and the other way round)."""
+
+    def __init__(self) -> None:
+        self.joined: set[str] = set()
+        self.left_first: set[str] = set()
+
+    def see(self, kind: str, member_id: str) -> None:
+        if kind == "joined":
+            self.joined.add(member_id)
+        elif member_id in self.joined:
+            self.joined.discard(member_id)
+        else:
+            self.left_first.add(member_id)
+
+    @property
+    def unmatched(self) -> int:
+        return len(self.joined) + len(self.left_first)
+
+
+class Member:
+    def __init__(
+        self,
+        seat: Seat,
+        ws: ClientWebSocketResponse,
+        member_id: str,
+        room_id: str,
+        room_of: Sequence[int],
+        tally: Tally,
+    ) -> None:
+        self.seat = seat
+        self.ws = ws
+        self.member_id = member_id
+        self.room_id = room_id
+        self.room_of = room_of
+        self.tally = tally
+        self.window = Window(0, 0)
+        self.pairs: dict[int, Pair] = {}
+        self.presence = Presence() if seat.observer else None
+        self.sent = 0
+        self.failed = 0
+        self.outstanding = 0
+        self.closing = False
+
+    async def pump(self) -> None:
+        """Read frames until closed; refill the send window on every ack."""
+        try:
+            async for msg in self.ws:
+                if msg.type is WSMsgType.TEXT:
+                    self.on_frame(msg.data, time.monotonic_ns())
+                    if self.outstanding < self.seat.inflight:
+                        await self.fill()
+        except (ConnectionError, RuntimeError):
+            pass
+        if not self.closing:
+            self.tally.errors += 1
+
+    async def fill(self) -> None:
+        limit = self.seat.limit
+        while (
+            self.outstanding < self.seat.inflight
+            and (limit is None or self.sent < limit)
+            and time.monotonic_ns() < self.window.end
+        ):
+            self.outstanding += 1
+            body = f"{self.seat.idx}:{self.sent}:{time.monotonic_ns()}"
+            self.sent += 1
+            await self.ws.send_str(body)
+
+    def on_frame(self, data: str, now: int) -> None:
+        msg = json.loads(data)
+        if msg["roomId"] != self.room_id:
+            self.tally.cross_room += 1
+        elif msg["type"] == "chat":
+            self.on_chat(msg["message"], now)
+        elif msg["type"] == "failed":
+            self.failed += 1
+            self.outstanding -= 1
+        elif self.presence is not None:
+            self.presence.see(msg["type"], msg["memberId"])
+
+    def on_chat(self, body: str, now: int) -> None:
+        sender, seq, t_sent = (int(v) for v in body.split(":"))
+        if self.room_of[sender] != self.seat.room:
+            self.tally.cross_room += 1
+            return
+        pair = self.pairs.get(sender)
+        if pair is None:
+            pair = self.pairs[sender] = Pair()
+        pair.see(seq)
+        own = sender == self.seat.idx
+        if own:
+            self.outstanding -= 1
+        if t_sent in self.window:
+            (self.tally.ack_us if own else self.tally.delivery_us).append((now - t_sent) // 1000)
+
+    def received_all(self, senders: Sequence[int], expected: dict[int, int]) -> bool:
+        return all(
+            self.pairs[s].distinct >= expected[s] if s in self.pairs else expected[s] == 0
+            for s in senders
+        )
+
+    def counts(self, senders: Sequence[int]) -> dict[tuple[int, int], tuple[int, int, int]]:
+        empty = Pair()
+        return {
+            (self.seat.idx, s): (p.distinct, p.duplicated, p.reordered)
+            for s in senders
+            for p in (self.pairs.get(s, empty),)
+        }
+
+    async def close(self) -> None:
+        self.closing = True
+        await self.ws.close()

@@ -1,0 +1,60 @@
+"""What the kernel says about the server and the machine (Linux /proc)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds a process has used."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine, summed over all cores."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks) - idle) / CLOCK_TICKS, sum(ticks) / CLOCK_TICKS
+
+
+def background_load(seconds: float) -> float:
+    """Cores busy on the machine over the next `seconds`."""
+    busy, _ = machine_cpu()
+    time.sleep(seconds)
+    return (machine_cpu()[0] - busy) / seconds
+
+
+def wait_quiet(limit: float, patience: float) -> float:
+    """Wait up to `patience` seconds for the machine to use under `limit` cores; the last load."""
+    deadline = time.monotonic() + patience
+    while (load := background_load(0.5)) >= limit and time.monotonic() < deadline:
+        pass
+    return load
+
+
+def own_cpu() -> float:
+    """User + system CPU seconds this process has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one; children inherit it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

@@ -1,0 +1,103 @@
+"""Turns what the processes measured into the figures of one table row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+from bench.driver import Raw
+from bench.plan import Tally
+from bench.scenarios import Kind
+
+
+@dataclass
+class Result:
+    scenario: str
+    backend: str
+    acked_per_s: float = 0.0
+    deliveries_per_s: float = 0.0
+    p50_ms: float | None = None  # send -> receipt by the other members (churn: join time)
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    ack_p50_ms: float | None = None  # send -> own echo
+    ack_p99_ms: float | None = None
+    failed: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    reordered: int = 0
+    cross_room: int = 0
+    errors: int = 0
+    connected: int = 0
+    connects_per_s: float | None = None
+    kib_per_conn: float | None = None
+    joins_per_s: float | None = None
+    client_cpu: float = 0.0  # cores used by the load generator while sending
+    server_cpu: float = 0.0  # cores used by the server process
+    machine_cpu: float = 0.0  # cores busy on the whole machine (server, databases, generator)
+    background_cpu: float = 0.0  # cores busy on the machine just before the server started
+    processes: int = 0
+    crashed: bool = False
+    error: str = ""
+
+
+def summarize(raw: Raw, backend: str) -> Result:
+    sc, tallies, sample = raw.scenario, raw.tallies, raw.sample
+    wall = sample.wall_seconds
+    result = Result(
+        sc.name,
+        backend,
+        processes=raw.processes,
+        connected=sum(t.connected for t in tallies),
+        errors=sum(t.errors for t in tallies),
+        cross_room=sum(t.cross_room for t in tallies),
+        client_cpu=sum(t.cpu_seconds for t in tallies) / wall,
+        server_cpu=sample.server_cpu_seconds / wall,
+        machine_cpu=sample.machine_busy_seconds / wall,
+    )
+    add_delivery(result, tallies)
+    acks = sum(len(t.ack_us) for t in tallies)
+    deliveries = sum(len(t.delivery_us) for t in tallies)
+    result.acked_per_s = acks / sc.duration
+    result.deliveries_per_s = (acks + deliveries) / sc.duration
+    latencies = sorted(
+        chain.from_iterable(t.join_us if sc.kind is Kind.CHURN else t.delivery_us for t in tallies)
+    )
+    result.p50_ms, result.p95_ms, result.p99_ms, result.max_ms = (
+        percentile(latencies, q) for q in (50, 95, 99, 100)
+    )
+    acked = sorted(chain.from_iterable(t.ack_us for t in tallies))
+    result.ack_p50_ms, result.ack_p99_ms = percentile(acked, 50), percentile(acked, 99)
+    if sc.kind is Kind.CONNECTIONS:
+        add_connections(result, raw)
+    if sc.kind is Kind.CHURN:
+        result.joins_per_s = sum(t.joins for t in tallies) / sc.duration
+    return result
+
+
+def add_delivery(result: Result, tallies: list[Tally]) -> None:
+    """Loss counts every (receiver, sender) pair of a room, the sender's own echo included."""
+    sent = {idx: pair for t in tallies for idx, pair in t.sent.items()}
+    expected = {idx: n - failed for idx, (n, failed) in sent.items()}
+    result.failed = sum(failed for _, failed in sent.values())
+    for tally in tallies:
+        for (_, sender), (distinct, duplicated, reordered) in tally.pairs.items():
+            result.lost += max(0, expected.get(sender, 0) - distinct)
+            result.duplicated += duplicated
+            result.reordered += reordered
+        result.lost += tally.unmatched_presence
+
+
+def add_connections(result: Result, raw: Raw) -> None:
+    spans = [t.connect_span for t in raw.tallies]
+    seconds = (max(end for _, end in spans) - min(start for start, _ in spans)) / 1e9
+    result.connects_per_s = result.connected / seconds if seconds else None
+    grown = raw.sample.rss_connected_kib - raw.sample.rss_before_kib
+    result.kib_per_conn = grown / result.connected if result.connected else None
+
+
+def percentile(sorted_us: list[int], q: float) -> float | None:
+    if not sorted_us:
+        return None
+    rank = min(len(sorted_us) - 1, int(len(sorted_us) * q / 100))
+    return sorted_us[rank] / 1000

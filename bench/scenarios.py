@@ -1,0 +1,61 @@
+"""The scenarios of issue 5, with their full and `--quick` sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    CHAT = "chat"  # members send with a window of messages in flight
+    CONNECTIONS = "connections"  # idle members; one probe message per room
+    CHURN = "churn"  # clients join, wait for their own `joined`, leave, again
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: Kind
+    rooms: int
+    members: int  # per room; for churn, the number of concurrent churning clients
+    inflight: int  # per member
+    duration: float = 10.0  # seconds measured, after the warm-up
+    warmup: float = 2.0
+    connect_concurrency: int = 100  # connections being opened at once, over all processes
+
+    @property
+    def seats(self) -> int:
+        return self.rooms * self.members
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("latency", Kind.CHAT, rooms=1, members=2, inflight=1),
+    Scenario("throughput", Kind.CHAT, rooms=10, members=10, inflight=4),
+    Scenario("big-room", Kind.CHAT, rooms=1, members=100, inflight=1),
+    Scenario("many-rooms", Kind.CHAT, rooms=100, members=2, inflight=8),
+    Scenario(
+        "connections", Kind.CONNECTIONS, rooms=50, members=100, inflight=0, duration=2.0, warmup=0.0
+    ),
+    Scenario("churn", Kind.CHURN, rooms=1, members=20, inflight=0),
+)
+NAMES = tuple(s.name for s in SCENARIOS)
+
+
+def select(
+    names: list[str], quick: bool, duration: float | None, warmup: float | None
+) -> list[Scenario]:
+    """The named scenarios, shrunk for `--quick`, with durations overridden when given."""
+    chosen = [s for s in SCENARIOS if s.name in names]
+    if quick:
+        chosen = [_quick(s) for s in chosen]
+    if duration is not None:
+        chosen = [replace(s, duration=duration) for s in chosen]
+    if warmup is not None:
+        chosen = [replace(s, warmup=warmup) for s in chosen]
+    return chosen
+
+
+def _quick(s: Scenario) -> Scenario:
+    if s.kind is Kind.CONNECTIONS:
+        return replace(s, rooms=10, duration=1.0)
+    return replace(s, duration=3.0, warmup=1.0)

@@ -1,0 +1,137 @@
+"""A load-generating process: connects its seats, drives them, reports to the coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiohttp
+
+from bench.churn import churn
+from bench.member import Member
+from bench.plan import Plan, Seat, Tally, Window
+from bench.procfs import own_cpu, raise_fd_limit
+
+JOIN_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 15.0  # for acks, then for the other members' deliveries
+POLL = 0.02
+
+
+def process_main(conn: Connection, plan: Plan) -> None:
+    """Entry point of a load-generating process."""
+    raise_fd_limit()
+    try:
+        import uvloop
+    except ImportError:
+        run: Callable[[Any], Any] = asyncio.run
+    else:
+        run = uvloop.run
+    try:
+        run(Worker(conn, plan).run())
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+class Worker:
+    def __init__(self, conn: Connection, plan: Plan) -> None:
+        self.conn = conn
+        self.plan = plan
+        self.tally = Tally()
+        self.members: list[Member] = []
+        self.pumps: list[asyncio.Task[None]] = []
+        rooms: defaultdict[int, list[int]] = defaultdict(list)
+        for idx, room in enumerate(plan.room_of):
+            rooms[room].append(idx)
+        self.room_members = dict(rooms)
+
+    async def run(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await self.connect_all(session)
+            self.conn.send(("ready", self.tally.connected))
+            t0: int = await self.recv()
+            start = t0 + self.plan.warmup_ns
+            window = Window(start, start + self.plan.duration_ns)
+            await self.drive(session, t0, window)
+            await until(lambda: all(m.outstanding <= 0 for m in self.members), DRAIN_TIMEOUT)
+            self.conn.send(("sent", {m.seat.idx: (m.sent, m.failed) for m in self.members}))
+            expected: dict[int, int] = await self.recv()
+            await until(lambda: self.received_all(expected), DRAIN_TIMEOUT)
+            await self.close_all()
+        self.conn.send(("result", self.tally))
+
+    async def recv(self) -> Any:
+        tag, payload = await asyncio.to_thread(self.conn.recv)
+        assert tag in ("go", "expect"), tag
+        return payload
+
+    async def connect_all(self, session: aiohttp.ClientSession) -> None:
+        gate = asyncio.Semaphore(self.plan.concurrency)
+        start = time.monotonic_ns()
+        await asyncio.gather(*(self.connect(session, seat, gate) for seat in self.plan.seats))
+        self.tally.connect_span = (start, time.monotonic_ns())
+
+    async def connect(
+        self, session: aiohttp.ClientSession, seat: Seat, gate: asyncio.Semaphore
+    ) -> None:
+        async with gate:
+            try:
+                ws = await session.ws_connect(self.plan.serve_url(seat.room))
+                first = await ws.receive(timeout=JOIN_TIMEOUT)
+                joined = json.loads(first.data)
+            except (aiohttp.ClientError, ConnectionError, TimeoutError, TypeError, ValueError):
+                self.tally.errors += 1
+                return
+        if joined.get("type") != "joined":
+            self.tally.errors += 1
+        room_id = self.plan.room_ids[seat.room]
+        member = Member(
+            seat, ws, joined.get("memberId", ""), room_id, self.plan.room_of, self.tally
+        )
+        self.members.append(member)
+        self.pumps.append(asyncio.create_task(member.pump()))
+        self.tally.connected += 1
+
+    async def drive(self, session: aiohttp.ClientSession, t0: int, window: Window) -> None:
+        """Send (or churn) from t0 until the window ends, measuring this process's CPU."""
+        for member in self.members:
+            member.window = window
+        await asyncio.sleep(max(0, t0 - time.monotonic_ns()) / 1e9)
+        cpu = own_cpu()
+        churners = [
+            churn(session, self.plan.serve_url(0), window, self.tally)
+            for _ in range(self.plan.churners)
+        ]
+        await asyncio.gather(*(m.fill() for m in self.members), *churners)
+        await asyncio.sleep(max(0, window.end - time.monotonic_ns()) / 1e9)
+        self.tally.cpu_seconds = own_cpu() - cpu
+
+    def received_all(self, expected: dict[int, int]) -> bool:
+        return all(
+            m.received_all(self.room_members[m.seat.room], expected)
+            and (m.presence is None or m.presence.unmatched == 0)
+            for m in self.members
+        )
+
+    async def close_all(self) -> None:
+        for member in self.members:
+            self.tally.pairs.update(member.counts(self.room_members[member.seat.room]))
+            self.tally.sent[member.seat.idx] = (member.sent, member.failed)
+            if member.presence is not None:
+                self.tally.unmatched_presence += member.presence.unmatched
+        await asyncio.gather(*(m.close() for m in self.members), return_exceptions=True)
+        await asyncio.gather(*self.pumps, return_exceptions=True)
+
+
+async def until(done: Callable[[], bool], seconds: float) -> None:
+    """Poll: the condition spans every member, no single event marks it."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(POLL)
