@@ -1,0 +1,673 @@
+"""The PostgreSQL repository: Core tables, statements compiled once, an aiopg pool.
+
+Locking, in one sentence: everything that adds or removes a member or stores a
+message first locks its room row (FOR NO KEY UPDATE, several rooms in id order),
+so membership changes of a room never race each other, and a room's `seq`
+numbers are handed out in commit order (a reader paging with `after` can never
+see a gap that a slower transaction fills in later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import aiopg
+import psycopg2
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.dml import ReturningDelete
+
+from sharechat.domain import (
+    STORED_TYPES,
+    BackendUnavailable,
+    Member,
+    Message,
+    MessageNotFound,
+    MessageType,
+    Room,
+    RoomNotFound,
+)
+from sharechat.ports import Page
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+message_type = postgresql.ENUM(
+    *(kind.value for kind in STORED_TYPES), name="message_type", create_type=False
+)
+
+rooms = sa.Table(
+    "rooms",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("emptied_at", sa.DateTime(timezone=True), nullable=True),
+)
+sa.Index(
+    "rooms_emptied_at_idx",
+    rooms.c.emptied_at,
+    postgresql_where=rooms.c.emptied_at.is_not(None),
+)
+
+members = sa.Table(
+    "members",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("room_id", sa.Uuid, sa.ForeignKey("rooms.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("instance_id", sa.Uuid, nullable=False),
+    sa.Column("joined", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("members_room_id_idx", "room_id"),
+    sa.Index("members_instance_id_idx", "instance_id"),
+)
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False),
+    sa.Column("room_id", sa.Uuid, sa.ForeignKey("rooms.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("member_id", sa.Uuid, nullable=False),
+    sa.Column("member_name", sa.Text, nullable=False),
+    sa.Column("type", message_type, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("sent", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("messages_room_id_seq_idx", "room_id", "seq"),
+)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("lease_expires", sa.DateTime(timezone=True), nullable=False),
+)
+
+_dialect = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]
+_MAX_SEQ = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Statement:
+    """A statement compiled once for psycopg2; `constants` are the binds Core made itself."""
+
+    sql: str
+    constants: dict[str, Any]
+
+    @classmethod
+    def compile(cls, statement: sa.ClauseElement) -> _Statement:
+        compiled = statement.compile(dialect=_dialect)
+        constants = {name: value for name, value in compiled.params.items() if value is not None}
+        return cls(str(compiled), constants)
+
+    async def run(self, cursor: aiopg.Cursor, /, **params: Any) -> None:
+        await cursor.execute(self.sql, {**self.constants, **params})
+
+
+def _uuids(name: str) -> sa.Cast[Any]:
+    return sa.cast(sa.bindparam(name), postgresql.ARRAY(sa.Uuid))
+
+
+def _texts(name: str) -> sa.Cast[Any]:
+    return sa.cast(sa.bindparam(name), postgresql.ARRAY(sa.Text))
+
+
+def _locked_rooms(which: sa.ColumnElement[bool]) -> sa.Select[tuple[UUID]]:
+    """Lock rooms in id order, so that two transactions never wait on each other in a cycle."""
+    return sa.select(rooms.c.id).where(which).order_by(rooms.c.id).with_for_update(key_share=True)
+
+
+def _insert_messages() -> sa.Insert:
+    """Store many messages in one statement, in the order given, rooms locked first.
+
+    Rows whose room no longer exists are skipped instead of failing the batch.
+    """
+    locked = (
+        _locked_rooms(rooms.c.id == sa.any_(_uuids("room_ids")))
+        .cte("locked")
+        .prefix_with("MATERIALIZED")
+    )
+    new = (
+        sa.func.unnest(
+            _uuids("ids"),
+            _uuids("room_ids"),
+            _uuids("member_ids"),
+            _texts("member_names"),
+            _texts("types"),
+            _texts("texts"),
+        )
+        .table_valued(
+            "id", "room_id", "member_id", "member_name", "type", "message", with_ordinality="ord"
+        )
+        .render_derived()
+        .alias("new")
+    )
+    rows = (
+        sa.select(
+            new.c.id,
+            new.c.room_id,
+            new.c.member_id,
+            new.c.member_name,
+            sa.cast(new.c.type, message_type),
+            new.c.message,
+            # Evaluated per row after the ORDER BY, so `sent` follows `seq`.
+            sa.func.clock_timestamp(),
+        )
+        .join_from(new, locked, locked.c.id == new.c.room_id)
+        .order_by(new.c.ord)
+    )
+    columns = ["id", "room_id", "member_id", "member_name", "type", "message", "sent"]
+    return sa.insert(messages).from_select(columns, rows).returning(messages.c.id, messages.c.sent)
+
+
+def _delete_idle_rooms() -> ReturningDelete[tuple[UUID]]:
+    idle = rooms.alias("idle")
+    # SKIP LOCKED: a room locked right now is in use; the next sweep looks again.
+    candidates = (
+        sa.select(idle.c.id)
+        .where(
+            idle.c.emptied_at < sa.func.clock_timestamp() - sa.bindparam("idle", type_=sa.Interval),
+            ~sa.exists().where(members.c.room_id == idle.c.id),
+        )
+        .with_for_update(skip_locked=True)
+    )
+    return sa.delete(rooms).where(rooms.c.id.in_(candidates)).returning(rooms.c.id)
+
+
+def _renew_lease() -> sa.Insert:
+    insert = postgresql.insert(instances).values(
+        id=sa.bindparam("instance_id"),
+        lease_expires=sa.func.clock_timestamp() + sa.bindparam("lease", type_=sa.Interval),
+    )
+    return insert.on_conflict_do_update(
+        index_elements=[instances.c.id],
+        set_={"lease_expires": insert.excluded.lease_expires},
+    )
+
+
+# Members of an expired instance (locked by this reaper), or of no instance at all.
+_dead = sa.or_(
+    members.c.instance_id == sa.any_(_uuids("expired")),
+    ~sa.exists().where(instances.c.id == members.c.instance_id),
+)
+
+_PING = _Statement.compile(sa.select(sa.true()))
+_CREATE_ROOM = _Statement.compile(
+    sa.insert(rooms).values(
+        id=sa.bindparam("room_id"),
+        name=sa.bindparam("name"),
+        created=sa.func.now(),
+        # Empty from birth: a room nobody ever joins expires like any other.
+        emptied_at=sa.func.now(),
+    )
+)
+_GET_ROOM = _Statement.compile(sa.select(rooms.c.name).where(rooms.c.id == sa.bindparam("room_id")))
+# An outer join tells a missing room (no row) from an empty one (a row of NULLs).
+_LIST_MEMBERS = _Statement.compile(
+    sa.select(members.c.id, members.c.name)
+    .select_from(rooms.outerjoin(members))
+    .where(rooms.c.id == sa.bindparam("room_id"))
+    .order_by(members.c.joined, members.c.id)
+)
+_FIND_CURSOR = _Statement.compile(
+    sa.select(
+        rooms.c.id,
+        sa.select(messages.c.seq)
+        .where(messages.c.id == sa.bindparam("cursor_id"), messages.c.room_id == rooms.c.id)
+        .scalar_subquery(),
+    ).where(rooms.c.id == sa.bindparam("room_id"))
+)
+
+
+def _page(order: sa.UnaryExpression[Any]) -> _Statement:
+    return _Statement.compile(
+        sa.select(
+            messages.c.id,
+            messages.c.member_id,
+            messages.c.member_name,
+            messages.c.type,
+            messages.c.message,
+            messages.c.sent,
+        )
+        .where(
+            messages.c.room_id == sa.bindparam("room_id"),
+            messages.c.seq > sa.bindparam("after_seq"),
+            messages.c.seq < sa.bindparam("before_seq"),
+        )
+        .order_by(order)
+        .limit(sa.bindparam("limit"))
+    )
+
+
+_PAGE_BACKWARD = _page(messages.c.seq.desc())
+_PAGE_FORWARD = _page(messages.c.seq.asc())
+
+_OCCUPY_ROOM = _Statement.compile(
+    sa.update(rooms)
+    .where(rooms.c.id == sa.bindparam("room_id"))
+    .values(emptied_at=sa.null())
+    .returning(rooms.c.id)
+)
+_LOCK_ROOMS = _Statement.compile(_locked_rooms(rooms.c.id == sa.any_(_uuids("room_ids"))))
+_ADD_MEMBER = _Statement.compile(
+    sa.insert(members).values(
+        id=sa.bindparam("member_id"),
+        room_id=sa.bindparam("room_id"),
+        name=sa.bindparam("name"),
+        instance_id=sa.bindparam("instance_id"),
+        joined=sa.func.clock_timestamp(),
+    )
+)
+_REMOVE_MEMBER = _Statement.compile(
+    sa.delete(members)
+    .where(members.c.id == sa.bindparam("member_id"), members.c.room_id == sa.bindparam("room_id"))
+    .returning(members.c.id)
+)
+_MARK_EMPTIED = _Statement.compile(
+    sa.update(rooms)
+    .where(
+        rooms.c.id == sa.any_(_uuids("room_ids")),
+        rooms.c.emptied_at.is_(None),
+        ~sa.exists().where(members.c.room_id == rooms.c.id),
+    )
+    .values(emptied_at=sa.func.clock_timestamp())
+)
+_INSERT_MESSAGES = _Statement.compile(_insert_messages())
+_DELETE_MESSAGE = _Statement.compile(
+    sa.delete(messages).where(messages.c.id == sa.bindparam("message_id"))
+)
+
+_RENEW_LEASE = _Statement.compile(_renew_lease())
+_RELEASE_LEASE = _Statement.compile(
+    sa.delete(instances).where(instances.c.id == sa.bindparam("instance_id"))
+)
+_LOCK_EXPIRED = _Statement.compile(
+    sa.select(instances.c.id)
+    .where(instances.c.lease_expires < sa.func.clock_timestamp())
+    .with_for_update(skip_locked=True)
+)
+_LOCK_ROOMS_OF_DEAD = _Statement.compile(
+    _locked_rooms(rooms.c.id.in_(sa.select(members.c.room_id).where(_dead)))
+)
+_DELETE_DEAD = _Statement.compile(
+    sa.delete(members)
+    .where(members.c.room_id == sa.any_(_uuids("room_ids")), _dead)
+    .returning(members.c.id, members.c.room_id, members.c.name)
+)
+_DELETE_INSTANCES = _Statement.compile(
+    sa.delete(instances).where(instances.c.id == sa.any_(_uuids("expired")))
+)
+_DELETE_IDLE_ROOMS = _Statement.compile(_delete_idle_rooms())
+
+# What aiopg and psycopg2 raise when the server is away, slow or confused; callers
+# see BackendUnavailable instead. Pool timeouts are TimeoutError.
+_DRIVER_ERRORS = (psycopg2.Error, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    """A message about to be stored: everything but `sent`."""
+
+    id: UUID
+    room_id: UUID
+    member: Member
+    type: MessageType
+    text: str
+
+    def stored(self, sent: datetime) -> Message:
+        return Message(
+            id=self.id,
+            room_id=self.room_id,
+            member_id=self.member.id,
+            member_name=self.member.name,
+            type=self.type,
+            message=self.text,
+            sent=sent.astimezone(UTC),
+        )
+
+
+def _joined(room_id: UUID, member: Member) -> _Draft:
+    return _Draft(uuid4(), room_id, member, MessageType.JOINED, f"{member.name} joined")
+
+
+def _left(room_id: UUID, member: Member) -> _Draft:
+    return _Draft(uuid4(), room_id, member, MessageType.LEFT, f"{member.name} left")
+
+
+async def _store(cursor: aiopg.Cursor, drafts: Sequence[_Draft]) -> list[Message]:
+    """Store the drafts in one statement; those whose room is gone are left out."""
+    await _INSERT_MESSAGES.run(
+        cursor,
+        ids=[draft.id for draft in drafts],
+        room_ids=[draft.room_id for draft in drafts],
+        member_ids=[draft.member.id for draft in drafts],
+        member_names=[draft.member.name for draft in drafts],
+        types=[draft.type.value for draft in drafts],
+        texts=[draft.text for draft in drafts],
+    )
+    sent: dict[UUID, datetime] = dict(await cursor.fetchall())
+    return [draft.stored(sent[draft.id]) for draft in drafts if draft.id in sent]
+
+
+def _check_storable(text: str) -> None:
+    """PostgreSQL text holds neither NUL nor lone surrogates; refuse them up front,
+    where one bad message cannot fail the batch it would have shared."""
+    if "\0" in text:
+        raise ValueError("text contains a NUL character")
+    text.encode("utf-8")  # UnicodeEncodeError, a ValueError, for a lone surrogate
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class _GroupCommit:
+    """Stores concurrent chat messages together: one INSERT, one commit per batch.
+
+    While a batch is in flight, new messages queue up and go together in the
+    next one; at low load a message goes alone, at once (there is no timer).
+    A task of its own does the writing, so a caller that is cancelled never
+    cancels the statement carrying the messages of others. The queue holds one
+    entry per waiting caller, so the callers themselves bound it.
+    """
+
+    def __init__(
+        self, write: Callable[[list[_Draft]], Awaitable[list[Message]]], max_batch: int
+    ) -> None:
+        self._write = write
+        self._max_batch = max_batch
+        self._queue: collections.deque[tuple[_Draft, asyncio.Future[Message]]] = collections.deque()
+        self._writer: asyncio.Task[None] | None = None
+
+    async def store(self, draft: _Draft) -> Message:
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._queue.append((draft, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all())
+        return await future
+
+    async def drain(self) -> None:
+        """Wait until every queued message is stored or has failed."""
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def _write_all(self) -> None:
+        try:
+            while self._queue:
+                count = min(len(self._queue), self._max_batch)
+                batch = [self._queue.popleft() for _ in range(count)]
+                await self._write_batch([item for item in batch if not item[1].cancelled()])
+        finally:
+            self._writer = None
+
+    async def _write_batch(self, batch: list[tuple[_Draft, asyncio.Future[Message]]]) -> None:
+        if not batch:
+            return
+        try:
+            stored = {message.id: message for message in await self._write([d for d, _ in batch])}
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as error:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(_own_copy(error))
+            return
+        for draft, future in batch:
+            if future.done():  # the caller was cancelled while its message was in flight
+                continue
+            if draft.id in stored:
+                future.set_result(stored[draft.id])
+            else:
+                future.set_exception(RoomNotFound(str(draft.room_id)))
+
+
+def _own_copy(error: Exception) -> Exception:
+    """One exception object raised in many tasks would mix their tracebacks."""
+    if not isinstance(error, BackendUnavailable):
+        return error
+    copy = BackendUnavailable(*error.args)
+    copy.__cause__ = error.__cause__
+    return copy
+
+
+class PostgresRepository:
+    """The Repository port on PostgreSQL; see the module docstring for the locking."""
+
+    def __init__(self, pool: aiopg.Pool, *, max_batch: int = 500) -> None:
+        self._pool = pool
+        self._chat = _GroupCommit(self._store_batch, max_batch)
+        self._available = True
+
+    async def drain(self) -> None:
+        """Finish storing the chat messages already handed to add_message."""
+        await self._chat.drain()
+
+    async def ping(self) -> None:
+        async with self._cursor() as cursor:
+            await _PING.run(cursor)
+
+    async def create_room(self, room: Room) -> None:
+        async with self._cursor() as cursor:
+            await _CREATE_ROOM.run(cursor, room_id=room.id, name=room.name)
+
+    async def get_room(self, room_id: UUID) -> Room:
+        async with self._cursor() as cursor:
+            await _GET_ROOM.run(cursor, room_id=room_id)
+            row = await cursor.fetchone()
+        if row is None:
+            raise RoomNotFound(str(room_id))
+        return Room(id=room_id, name=row[0])
+
+    async def list_members(self, room_id: UUID) -> list[Member]:
+        async with self._cursor() as cursor:
+            await _LIST_MEMBERS.run(cursor, room_id=room_id)
+            rows = await cursor.fetchall()
+        if not rows:
+            raise RoomNotFound(str(room_id))
+        return [Member(id=member_id, name=name) for member_id, name in rows if member_id]
+
+    async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
+        async with self._cursor() as cursor:
+            after_seq, before_seq = await _page_bounds(cursor, room_id, page)
+            forward = page.after is not None
+            await (_PAGE_FORWARD if forward else _PAGE_BACKWARD).run(
+                cursor,
+                room_id=room_id,
+                after_seq=after_seq,
+                before_seq=before_seq,
+                limit=page.limit,
+            )
+            rows = await cursor.fetchall()
+        if not forward:
+            rows.reverse()
+        return [_message(room_id, row) for row in rows]
+
+    async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
+        async with self._transaction() as cursor:
+            await _OCCUPY_ROOM.run(cursor, room_id=room_id)  # also locks the room
+            if await cursor.fetchone() is None:
+                raise RoomNotFound(str(room_id))
+            await _ADD_MEMBER.run(
+                cursor,
+                member_id=member.id,
+                room_id=room_id,
+                name=member.name,
+                instance_id=instance_id,
+            )
+            (joined,) = await _store(cursor, [_joined(room_id, member)])
+        return joined
+
+    async def remove_member(self, room_id: UUID, member: Member) -> Message | None:
+        """None when the member was gone already: whoever removed it told the room."""
+        async with self._transaction() as cursor:
+            # With the room locked, the emptiness check below sees every other
+            # leave of this room committed: the last one out always marks it.
+            await _LOCK_ROOMS.run(cursor, room_ids=[room_id])
+            await _REMOVE_MEMBER.run(cursor, member_id=member.id, room_id=room_id)
+            if await cursor.fetchone() is None:
+                return None
+            (left,) = await _store(cursor, [_left(room_id, member)])
+            await _MARK_EMPTIED.run(cursor, room_ids=[room_id])
+        return left
+
+    async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
+        """Store a chat message, grouped with those of concurrent callers.
+
+        Raises ValueError for text PostgreSQL cannot store, RoomNotFound, or
+        BackendUnavailable.
+        """
+        _check_storable(text)
+        _check_storable(member.name)
+        return await self._chat.store(_Draft(uuid4(), room_id, member, MessageType.CHAT, text))
+
+    async def delete_message(self, message_id: UUID) -> None:
+        async with self._cursor() as cursor:
+            await _DELETE_MESSAGE.run(cursor, message_id=message_id)
+
+    async def renew_lease(self, instance_id: UUID, lease_seconds: float) -> None:
+        async with self._cursor() as cursor:
+            await _RENEW_LEASE.run(
+                cursor, instance_id=instance_id, lease=timedelta(seconds=lease_seconds)
+            )
+
+    async def release_lease(self, instance_id: UUID) -> None:
+        async with self._cursor() as cursor:
+            await _RELEASE_LEASE.run(cursor, instance_id=instance_id)
+
+    async def reap_expired_instances(self) -> list[Message]:
+        async with self._transaction() as cursor:
+            # SKIP LOCKED: an instance another reaper holds is that reaper's job.
+            await _LOCK_EXPIRED.run(cursor)
+            expired = [instance_id for (instance_id,) in await cursor.fetchall()]
+            await _LOCK_ROOMS_OF_DEAD.run(cursor, expired=expired)
+            room_ids = [room_id for (room_id,) in await cursor.fetchall()]
+            # Rooms are locked now: these members cannot leave under our feet,
+            # and a concurrent reaper sees them gone once we commit.
+            await _DELETE_DEAD.run(cursor, expired=expired, room_ids=room_ids)
+            dead = await cursor.fetchall()
+            left = await _store(
+                cursor,
+                [_left(room_id, Member(member_id, name)) for member_id, room_id, name in dead],
+            )
+            await _MARK_EMPTIED.run(cursor, room_ids=room_ids)
+            await _DELETE_INSTANCES.run(cursor, expired=expired)
+        if expired or left:
+            log.info("reaped %s dead instances and %s of their members", len(expired), len(left))
+        return left
+
+    async def delete_idle_rooms(self, idle_seconds: float) -> list[UUID]:
+        async with self._cursor() as cursor:
+            await _DELETE_IDLE_ROOMS.run(cursor, idle=timedelta(seconds=idle_seconds))
+            deleted = [room_id for (room_id,) in await cursor.fetchall()]
+        if deleted:
+            log.info("deleted %s idle rooms", len(deleted))
+        return deleted
+
+    async def _store_batch(self, drafts: list[_Draft]) -> list[Message]:
+        # One statement outside a transaction block: PostgreSQL commits it on its own.
+        async with self._cursor() as cursor:
+            return await _store(cursor, drafts)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiopg.Cursor]:
+        async with self._cursor() as cursor, cursor.begin():
+            yield cursor
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self) -> AsyncIterator[aiopg.Cursor]:
+        try:
+            async with self._pool.acquire() as connection:
+                try:
+                    async with connection.cursor() as cursor:
+                        yield cursor
+                except _DRIVER_ERRORS:
+                    # Its state is unknown now: closed, the pool drops it for a new one.
+                    connection.close()
+                    raise
+        except _DRIVER_ERRORS as error:
+            self._lost(error)
+            raise BackendUnavailable(f"PostgreSQL: {_reason(error)}") from error
+        self._back()
+
+    def _lost(self, error: BaseException) -> None:
+        if self._available:
+            log.warning("PostgreSQL unavailable: %s", _reason(error))
+        self._available = False
+
+    def _back(self) -> None:
+        if not self._available:
+            log.warning("PostgreSQL available again")
+        self._available = True
+
+
+async def _page_bounds(cursor: aiopg.Cursor, room_id: UUID, page: Page) -> tuple[int, int]:
+    """The `seq` range (exclusive) that the page selects from; checks room and cursor."""
+    cursor_id = page.after if page.after is not None else page.before
+    await _FIND_CURSOR.run(cursor, room_id=room_id, cursor_id=cursor_id)
+    row = await cursor.fetchone()
+    if row is None:
+        raise RoomNotFound(str(room_id))
+    seq = row[1]
+    if cursor_id is None:
+        return 0, _MAX_SEQ
+    if seq is None:
+        raise MessageNotFound(str(cursor_id))
+    return (seq, _MAX_SEQ) if page.after is not None else (0, seq)
+
+
+def _message(room_id: UUID, row: Sequence[Any]) -> Message:
+    message_id, member_id, member_name, kind, text, sent = row
+    return Message(
+        id=message_id,
+        room_id=room_id,
+        member_id=member_id,
+        member_name=member_name,
+        type=MessageType(kind),
+        message=text,
+        sent=sent.astimezone(UTC),
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_postgres_repository(
+    dsn: str,
+    *,
+    pool_min: int = 1,
+    pool_max: int = 10,
+    timeout: float = 5.0,  # noqa: ASYNC109 - bounds each statement, it is no deadline
+) -> AsyncIterator[PostgresRepository]:
+    """A repository on a pool of `dsn` (postgresql:// or postgres://); does not migrate.
+
+    `timeout` bounds each connect, each wait for a free connection and each
+    statement: past it the call raises BackendUnavailable.
+    """
+    try:
+        pool = await aiopg.create_pool(
+            dsn,
+            minsize=pool_min,
+            maxsize=pool_max,
+            timeout=timeout,
+            enable_json=False,
+            enable_hstore=False,
+        )
+    except _DRIVER_ERRORS as error:
+        raise BackendUnavailable(f"PostgreSQL: {_reason(error)}") from error
+    repository = PostgresRepository(pool)
+    try:
+        yield repository
+    finally:
+        await repository.drain()
+        pool.close()
+        await pool.wait_closed()
