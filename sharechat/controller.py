@@ -11,7 +11,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from typing import Any
 from uuid import UUID, uuid4
 
 from sharechat import names
@@ -100,15 +101,16 @@ class Session:
             return
         self._outbox.clear()
         self._writer.cancel()
-        self._closing = asyncio.create_task(self._peer.close(code=code, message=reason.encode()))
+        # No drain: a peer too slow to read must not hold up its own disconnection.
+        closing = self._peer.close(code=code, message=reason.encode(), drain=False)
+        self._closing = asyncio.create_task(closing)
 
-    async def stop(self) -> None:
+    async def stop(self) -> asyncio.Task[bool] | None:
+        """Stop the writer; returns the close handshake still under way, if any."""
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
-        if self._closing is not None:
-            with contextlib.suppress(Exception):
-                await self._closing  # bounded by the peer's own close timeout
+        return self._closing
 
     async def _write_loop(self) -> None:
         try:
@@ -141,6 +143,7 @@ class Controller:
         self._all_left = asyncio.Event()
         self._all_left.set()
         self._unrecorded_leaves: list[tuple[UUID, Member]] = []
+        self._background: set[asyncio.Task[Any]] = set()  # leaves and close handshakes
 
     # -- rooms and history ---------------------------------------------------
 
@@ -213,7 +216,14 @@ class Controller:
         session.send(failed_message(session.room_id, session.member, reason).to_json())
 
     async def leave(self, session: Session) -> None:
-        """Remove the member for good and tell the room; once per joined session."""
+        """Remove the member for good and tell the room; once per joined session.
+
+        Runs to the end even if the caller is cancelled (a handler torn down on
+        shutdown): a member must never stay listed after its connection is gone.
+        """
+        await asyncio.shield(self._spawn(self._leave(session)))
+
+    async def _leave(self, session: Session) -> None:
         try:
             await self._exit_room(session)
             await self._record_leave(session.room_id, session.member)
@@ -264,10 +274,21 @@ class Controller:
             await self._unsubscribe(session.room_id, room)
 
     async def _drop(self, session: Session) -> None:
-        await session.stop()
-        self._sessions.discard(session)
-        if not self._sessions:
-            self._all_left.set()
+        try:
+            closing = await session.stop()
+            if closing is not None:
+                self._background.add(closing)
+                closing.add_done_callback(self._background.discard)
+        finally:
+            self._sessions.discard(session)
+            if not self._sessions:
+                self._all_left.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _unsubscribe(self, room_id: UUID, room: LiveRoom) -> None:
         try:
@@ -320,6 +341,7 @@ class Controller:
         try:
             yield
         finally:
+            tasks.extend(self._background)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

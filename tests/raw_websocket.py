@@ -1,0 +1,70 @@
+"""A bare-bones websocket client for what a well-behaved library will not send."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+
+from tests.helpers import WAIT
+
+
+class RawWebSocket:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int, path: str) -> RawWebSocket:
+        reader, writer = await asyncio.open_connection(host, port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(WAIT):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        length = len(payload)
+        if length < 126:
+            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+        else:
+            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+        self.writer.write(header + mask + masked)
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        async with asyncio.timeout(WAIT):
+            first, second = await self.reader.readexactly(2)
+            length = second & 0x7F
+            if length == 126:
+                (length,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif length == 127:
+                (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            return first & 0x0F, await self.reader.readexactly(length)
+
+    async def read_close_code(self) -> int:
+        """Skip data frames until the close frame; return its code."""
+        while True:
+            opcode, payload = await self.read_frame()
+            if opcode == 0x8:
+                code: int = struct.unpack("!H", payload[:2])[0]
+                return code
+
+    def abort(self) -> None:
+        """Vanish without a close frame, like a lost network."""
+        transport = self.writer.transport
+        transport.abort()  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
