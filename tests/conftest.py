@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
+from uuid import uuid4
 
 import aiohttp
 import pytest
@@ -13,15 +16,63 @@ from aiohttp.test_utils import TestClient
 from sharechat.app import create_app
 from sharechat.config import Config
 from tests.helpers import receive_json
+from tests.pg_support import temporary_database
 
-BACKENDS = ["memory"]
+BACKENDS = ("memory", "postgres", "postgres+redis")
+REDIS_URL = os.environ.get("SHARECHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 StartServer = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend_config(request: pytest.FixtureRequest) -> Config:
-    return Config(host="127.0.0.1", port=0)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma-separated backend combinations to test (default: all; "
+        "'memory' needs no PostgreSQL or Redis)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        chosen = metafunc.config.getoption("--backends").split(",")
+        unknown = set(chosen) - set(BACKENDS)
+        if unknown:
+            raise pytest.UsageError(f"--backends: unknown {sorted(unknown)}; use {BACKENDS}")
+        metafunc.parametrize("backend", chosen)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """One migrated database for the whole run, dropped at the end."""
+    with asyncio.Runner() as runner:
+        database = temporary_database()
+        try:
+            url = runner.run(database.__aenter__())
+        except Exception as error:  # any driver error: say what to do about it
+            pytest.fail(
+                f"PostgreSQL is not reachable ({error}): start it, set "
+                "SHARECHAT_TEST_DATABASE_URL, or run pytest --backends memory"
+            )
+        yield url
+        runner.run(database.__aexit__(None, None, None))
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> str:
+    return f"sharechat-test-{uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def backend_config(backend: str, request: pytest.FixtureRequest) -> Config:
+    config = Config(host="127.0.0.1", port=0)
+    if backend == "memory":
+        return config
+    config = dataclasses.replace(config, database_url=request.getfixturevalue("database_url"))
+    if backend == "postgres":
+        return config
+    prefix = request.getfixturevalue("redis_prefix")
+    return dataclasses.replace(config, redis_url=REDIS_URL, redis_prefix=prefix)
 
 
 @pytest.fixture
