@@ -367,6 +367,8 @@ def _check_storable(text: str) -> None:
 
 
 def _reason(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from urllib.parse import urlsplit
 from uuid import uuid4
@@ -86,9 +87,7 @@ class ThrowawayCluster:
         )  # fmt: skip
 
     async def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        )
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
         log = self.directory / "server.log"
         await _run("pg_ctl", "-D", str(self.data), "-l", str(log), "-o", options, "-w", "start")
 
@@ -97,6 +96,29 @@ class ThrowawayCluster:
 
     def is_running(self) -> bool:
         return (self.data / "postmaster.pid").exists()
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP the server and its backends, like a machine that fell off the network."""
+        processes = self._processes()
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in processes:
+                os.kill(pid, signal.SIGCONT)
+
+    def _processes(self) -> list[int]:
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with suppress(OSError):  # a process that ended while we looked
+                # The command name can hold spaces and parentheses: split after the last ')'.
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                if parent == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
 
 
 @asynccontextmanager
@@ -149,4 +171,6 @@ async def _run(tool: str, *args: str) -> None:
         )
         output, _ = await process.communicate()
     if process.returncode != 0:
-        raise RuntimeError(f"{tool} failed ({process.returncode}): {output.decode(errors='replace')}")
+        raise RuntimeError(
+            f"{tool} failed ({process.returncode}): {output.decode(errors='replace')}"
+        )

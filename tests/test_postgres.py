@@ -1,0 +1,572 @@
+"""The PostgreSQL repository against a real server: each test gets a database of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import aiopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from sharechat.domain import (
+    BackendUnavailable,
+    Member,
+    Message,
+    MessageNotFound,
+    MessageType,
+    Room,
+    RoomNotFound,
+)
+from sharechat.migrations import MigrationError, default_sql_dir, migrate
+from sharechat.ports import Page
+from sharechat.postgres import (
+    PostgresRepository,
+    instances,
+    members,
+    messages,
+    metadata,
+    open_postgres_repository,
+    rooms,
+)
+from tests.pg_support import temporary_database, throwaway_cluster
+
+WAIT = 20.0  # the deadline of a whole test body
+PROMPT = 5.0  # how long a call may take to fail when PostgreSQL is away
+DIALECT = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]
+HOSTILE_TEXTS = [
+    "'); DROP TABLE messages; --",
+    "Robert'); DELETE FROM rooms; --",
+    "double \"quotes\", 'single', `back`; semi;colons;",
+    "percent %s %(name)s %% and backslash \\ \\x00 \\n",
+    "emoji 🦦🏳️‍🌈😀 and CJK extension B 𠜎𠜱𠝹 (4 bytes each) and 中文 and עברית",
+    "tabs\tand\nnew\r\nlines",
+    " leading and trailing spaces ",
+    "long " + "🦦x'" * 100_000,
+]
+
+
+@pytest.fixture
+async def dsn() -> AsyncIterator[str]:
+    async with temporary_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def repository(dsn: str) -> AsyncIterator[PostgresRepository]:
+    async with contextlib.AsyncExitStack() as stack:
+        async with asyncio.timeout(WAIT):
+            repository = await stack.enter_async_context(open_postgres_repository(dsn, pool_max=20))
+        yield repository
+        async with asyncio.timeout(WAIT):
+            await stack.aclose()
+
+
+async def query(dsn: str, statement: sa.ClauseElement) -> list[Any]:
+    """Rows of an ad-hoc Core statement, on a connection of its own."""
+    compiled = statement.compile(dialect=DIALECT)
+    async with (
+        asyncio.timeout(WAIT),
+        aiopg.connect(dsn, enable_hstore=False) as connection,
+        connection.cursor() as cursor,
+    ):
+        await cursor.execute(str(compiled), compiled.params)
+        return await cursor.fetchall() if cursor.description else []
+
+
+async def new_room(repository: PostgresRepository) -> Room:
+    room = Room(id=uuid4(), name="Blue Lagoon")
+    await repository.create_room(room)
+    return room
+
+
+def new_member(name: str = "Teal Otter") -> Member:
+    return Member(id=uuid4(), name=name)
+
+
+async def history(repository: PostgresRepository, room_id: UUID, **page: Any) -> list[str]:
+    return [message.message for message in await repository.list_messages(room_id, Page(**page))]
+
+
+async def emptied_at(dsn: str, room_id: UUID) -> Any:
+    [(moment,)] = await query(dsn, sa.select(rooms.c.emptied_at).where(rooms.c.id == room_id))
+    return moment
+
+
+# --- schema and migrations -------------------------------------------------------------
+
+
+def _reflect(dsn: str) -> sa.MetaData:
+    engine = sa.create_engine(dsn.replace("postgresql://", "postgresql+psycopg2://", 1))
+    try:
+        reflected = sa.MetaData()
+        reflected.reflect(bind=engine)
+        return reflected
+    finally:
+        engine.dispose()
+
+
+def _describe(table: sa.Table) -> dict[str, Any]:
+    """What must agree between the Core tables and the migrated database."""
+    return {
+        "columns": {
+            column.name: (
+                str(column.type.compile(dialect=DIALECT)),
+                getattr(column.type, "enums", None),
+                column.nullable,
+                column.primary_key,
+                column.identity is not None and column.identity.always,
+            )
+            for column in table.columns
+        },
+        "foreign_keys": {
+            (fk.parent.name, fk.target_fullname, fk.ondelete) for fk in table.foreign_keys
+        },
+        "indexes": {
+            (
+                index.name,
+                tuple(column.name for column in index.columns),
+                index.unique,
+                index.dialect_options["postgresql"]["where"] is not None,
+            )
+            for index in table.indexes
+        },
+    }
+
+
+async def test_core_tables_match_the_migrated_schema(dsn: str) -> None:
+    async with asyncio.timeout(WAIT):
+        reflected = await asyncio.to_thread(_reflect, dsn)
+    assert set(reflected.tables) == {*metadata.tables, "schema_migrations"}
+    for name, table in metadata.tables.items():
+        assert _describe(reflected.tables[name]) == _describe(table), name
+
+
+async def test_migrate_applies_each_file_once_in_order(tmp_path: Path) -> None:
+    (tmp_path / "001_first.sql").write_text("CREATE TABLE first (id int);")
+    (tmp_path / "002_second.sql").write_text("INSERT INTO first VALUES (1), (2);")
+    async with asyncio.timeout(WAIT), temporary_database(migrated=False) as dsn:
+        assert await migrate(dsn, tmp_path) == ["001_first.sql", "002_second.sql"]
+        assert await migrate(dsn, tmp_path) == []
+        (tmp_path / "003_third.sql").write_text("INSERT INTO first VALUES (3);")
+        assert await migrate(dsn, tmp_path) == ["003_third.sql"]
+        first = sa.table("first", sa.column("id"))
+        assert await query(dsn, sa.select(sa.func.count()).select_from(first)) == [(3,)]
+
+
+async def test_concurrent_migrations_apply_each_file_once() -> None:
+    expected = sorted(path.name for path in default_sql_dir().glob("*.sql"))
+    async with asyncio.timeout(WAIT), temporary_database(migrated=False) as dsn:
+        applied = await asyncio.gather(*(migrate(dsn) for _ in range(5)))
+        assert sorted(name for names in applied for name in names) == expected
+        recorded = sa.table("schema_migrations", sa.column("name"))
+        assert sorted(name for (name,) in await query(dsn, sa.select(recorded.c.name))) == expected
+
+
+async def test_a_failing_migration_is_rolled_back_and_named(tmp_path: Path) -> None:
+    (tmp_path / "001_good.sql").write_text("CREATE TABLE good (id int);")
+    (tmp_path / "002_bad.sql").write_text("CREATE TABLE half (id int); SELECT no_such_column;")
+    async with asyncio.timeout(WAIT), temporary_database(migrated=False) as dsn:
+        with pytest.raises(MigrationError, match=r"^002_bad\.sql: "):
+            await migrate(dsn, tmp_path)
+        tables = sa.table("pg_tables", sa.column("tablename"), sa.column("schemaname"))
+        names = {name for (name,) in await query(dsn, sa.select(tables.c.tablename))}
+        assert "good" in names
+        assert "half" not in names
+        (tmp_path / "002_bad.sql").write_text("CREATE TABLE half (id int);")
+        assert await migrate(dsn, tmp_path) == ["002_bad.sql"]
+
+
+async def test_migrate_without_a_server_raises_backend_unavailable() -> None:
+    async with asyncio.timeout(WAIT), throwaway_cluster() as cluster:
+        await cluster.stop()
+        await expect_unavailable(migrate(cluster.dsn))
+
+
+# --- rooms and members -----------------------------------------------------------------
+
+
+async def test_rooms_are_created_and_found(repository: PostgresRepository) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        assert await repository.get_room(room.id) == room
+        assert await repository.list_members(room.id) == []
+        assert await repository.list_messages(room.id, Page()) == []
+        for call in (
+            repository.get_room(uuid4()),
+            repository.list_members(uuid4()),
+            repository.list_messages(uuid4(), Page()),
+        ):
+            with pytest.raises(RoomNotFound):
+                await call
+
+
+async def test_add_member_stores_member_and_joined_together(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        member = new_member()
+        joined = await repository.add_member(room.id, member, uuid4())
+        assert (joined.room_id, joined.member_id, joined.member_name) == (
+            room.id,
+            member.id,
+            member.name,
+        )
+        assert (joined.type, joined.message) == (MessageType.JOINED, "Teal Otter joined")
+        assert joined.sent.utcoffset() is not None
+        assert joined.sent.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+        assert await repository.list_members(room.id) == [member]
+        assert await repository.list_messages(room.id, Page()) == [joined]
+        assert await emptied_at(dsn, room.id) is None
+
+
+async def test_add_member_to_a_missing_room_stores_nothing(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        with pytest.raises(RoomNotFound):
+            await repository.add_member(uuid4(), new_member(), uuid4())
+        assert await query(dsn, sa.select(members.c.id)) == []
+        assert await query(dsn, sa.select(messages.c.id)) == []
+
+
+async def test_remove_member_stores_left_once_and_marks_the_room_empty(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        stays, leaves = new_member("Red Fox"), new_member()
+        await repository.add_member(room.id, stays, uuid4())
+        await repository.add_member(room.id, leaves, uuid4())
+        left = await repository.remove_member(room.id, leaves)
+        assert left is not None
+        assert (left.type, left.message, left.member_id) == (
+            MessageType.LEFT,
+            "Teal Otter left",
+            leaves.id,
+        )
+        assert await repository.list_members(room.id) == [stays]
+        assert await emptied_at(dsn, room.id) is None
+        assert await repository.remove_member(room.id, leaves) is None
+        assert await repository.remove_member(room.id, stays) is not None
+        assert await emptied_at(dsn, room.id) is not None
+        assert await history(repository, room.id) == [
+            "Red Fox joined",
+            "Teal Otter joined",
+            "Teal Otter left",
+            "Red Fox left",
+        ]
+        assert await repository.remove_member(uuid4(), stays) is None
+
+
+async def test_the_last_of_many_concurrent_leavers_marks_the_room_empty(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        for _ in range(5):
+            room = await new_room(repository)
+            crowd = [new_member() for _ in range(12)]
+            await asyncio.gather(*(repository.add_member(room.id, m, uuid4()) for m in crowd))
+            assert await emptied_at(dsn, room.id) is None
+            left = await asyncio.gather(*(repository.remove_member(room.id, m) for m in crowd))
+            assert all(message is not None for message in left)
+            assert await emptied_at(dsn, room.id) is not None
+
+
+# --- history paging --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def chatty_room(repository: PostgresRepository) -> tuple[Room, list[Message]]:
+    """A room with the history `m0` .. `m9`, stored one after the other."""
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        member = new_member()
+        return room, [await repository.add_message(room.id, member, f"m{i}") for i in range(10)]
+
+
+async def test_history_is_oldest_first_and_limit_keeps_the_newest(
+    repository: PostgresRepository, chatty_room: tuple[Room, list[Message]]
+) -> None:
+    room, stored = chatty_room
+    async with asyncio.timeout(WAIT):
+        assert await repository.list_messages(room.id, Page()) == stored
+        assert await history(repository, room.id, limit=3) == ["m7", "m8", "m9"]
+        assert await history(repository, room.id, limit=100) == [f"m{i}" for i in range(10)]
+        sent = [message.sent for message in stored]
+        assert sent == sorted(sent)
+
+
+async def test_paging_backward_and_forward_from_a_cursor(
+    repository: PostgresRepository, chatty_room: tuple[Room, list[Message]]
+) -> None:
+    room, stored = chatty_room
+    async with asyncio.timeout(WAIT):
+        assert await history(repository, room.id, before=stored[5].id) == [
+            f"m{i}" for i in range(5)
+        ]
+        assert await history(repository, room.id, before=stored[5].id, limit=2) == ["m3", "m4"]
+        assert await history(repository, room.id, after=stored[5].id) == ["m6", "m7", "m8", "m9"]
+        assert await history(repository, room.id, after=stored[5].id, limit=2) == ["m6", "m7"]
+        assert await history(repository, room.id, after=stored[7].id, limit=50) == ["m8", "m9"]
+        assert await history(repository, room.id, before=stored[0].id) == []
+        assert await history(repository, room.id, after=stored[9].id) == []
+        assert await history(repository, room.id, after=stored[9].id, limit=1) == []
+
+
+async def test_a_cursor_must_be_a_message_of_the_room(
+    repository: PostgresRepository, chatty_room: tuple[Room, list[Message]]
+) -> None:
+    room, stored = chatty_room
+    async with asyncio.timeout(WAIT):
+        other = await new_room(repository)
+        foreign = await repository.add_message(other.id, new_member(), "elsewhere")
+        for page in (Page(before=foreign.id), Page(after=foreign.id), Page(after=uuid4())):
+            with pytest.raises(MessageNotFound):
+                await repository.list_messages(room.id, page)
+        with pytest.raises(RoomNotFound):
+            await repository.list_messages(uuid4(), Page(before=stored[0].id))
+
+
+# --- chat messages ---------------------------------------------------------------------
+
+
+async def test_hostile_text_round_trips_exactly(repository: PostgresRepository) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        member = new_member("Robert Tables")
+        stored = [await repository.add_message(room.id, member, text) for text in HOSTILE_TEXTS]
+        assert [message.message for message in stored] == HOSTILE_TEXTS
+        assert await repository.list_messages(room.id, Page()) == stored
+
+
+async def test_text_postgres_cannot_store_is_refused_alone(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        member = new_member()
+        results = await asyncio.gather(
+            repository.add_message(room.id, member, "before"),
+            repository.add_message(room.id, member, "nul \0 inside"),
+            repository.add_message(room.id, member, "lone surrogate \udc80"),
+            repository.add_message(room.id, member, "after"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], ValueError)
+        assert isinstance(results[2], ValueError)
+        assert await history(repository, room.id) == ["before", "after"]
+
+
+async def test_add_message_to_a_missing_room_fails_only_that_caller(
+    repository: PostgresRepository,
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        member = new_member()
+        texts = [f"text {i}" for i in range(30)]
+        results = await asyncio.gather(
+            *(repository.add_message(room.id, member, text) for text in texts[:15]),
+            repository.add_message(uuid4(), member, "nowhere"),
+            *(repository.add_message(room.id, member, text) for text in texts[15:]),
+            return_exceptions=True,
+        )
+        assert isinstance(results.pop(15), RoomNotFound)
+        assert [message.message for message in results] == texts  # type: ignore[union-attr]
+        assert await history(repository, room.id) == texts
+
+
+async def test_group_commit_stores_concurrent_messages_in_few_transactions(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        senders = [new_member(f"Sender {i}") for i in range(20)]
+        calls = [(senders[i % 20], f"message {i}") for i in range(200)]
+        stored = await asyncio.gather(
+            *(repository.add_message(room.id, sender, text) for sender, text in calls)
+        )
+        assert [(m.member_id, m.message) for m in stored] == [(s.id, t) for s, t in calls]
+        assert len({message.id for message in stored}) == 200
+        saved = await repository.list_messages(room.id, Page())
+        assert sorted(saved, key=lambda m: m.message) == sorted(stored, key=lambda m: m.message)
+        assert [m.sent for m in saved] == sorted(m.sent for m in saved)
+        # Calls queue in order, so each sender's messages are stored in the order sent.
+        assert [m.message for m in saved] == [text for _, text in calls]
+        xmin = sa.func.count(sa.distinct(sa.cast(sa.literal_column("xmin"), sa.Text)))
+        [(transactions,)] = await query(dsn, sa.select(xmin).select_from(messages))
+        assert transactions < 50  # one transaction per batch, not per message
+
+
+async def test_delete_message_removes_it_from_history(repository: PostgresRepository) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        member = new_member()
+        kept = await repository.add_message(room.id, member, "kept")
+        dropped = await repository.add_message(room.id, member, "dropped")
+        await repository.delete_message(dropped.id)
+        await repository.delete_message(uuid4())
+        assert await repository.list_messages(room.id, Page()) == [kept]
+
+
+# --- leases and reaping ----------------------------------------------------------------
+
+
+async def test_reaping_removes_the_members_of_dead_instances_only(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        alive, dead, never_renewed = uuid4(), uuid4(), uuid4()
+        await repository.renew_lease(alive, 60)
+        await repository.renew_lease(dead, -1)  # a lease that ran out a second ago
+        shared, deserted, orphaned = [await new_room(repository) for _ in range(3)]
+        survivor, victims = new_member("Red Fox"), [new_member() for _ in range(3)]
+        await repository.add_member(shared.id, survivor, alive)
+        await repository.add_member(shared.id, victims[0], dead)
+        await repository.add_member(deserted.id, victims[1], dead)
+        await repository.add_member(orphaned.id, victims[2], never_renewed)
+
+        left = await repository.reap_expired_instances()
+
+        assert sorted(m.member_id for m in left) == sorted(v.id for v in victims)
+        assert {m.type for m in left} == {MessageType.LEFT}
+        assert await repository.list_members(shared.id) == [survivor]
+        assert await emptied_at(dsn, shared.id) is None
+        assert await emptied_at(dsn, deserted.id) is not None
+        assert await emptied_at(dsn, orphaned.id) is not None
+        assert await query(dsn, sa.select(instances.c.id)) == [(alive,)]
+        assert (await repository.list_messages(deserted.id, Page()))[-1] in left
+        assert await repository.reap_expired_instances() == []
+        assert await repository.remove_member(deserted.id, victims[1]) is None
+
+
+async def test_concurrent_reapers_reap_each_dead_member_once(
+    repository: PostgresRepository,
+) -> None:
+    async with asyncio.timeout(WAIT):
+        dead_instances = [uuid4() for _ in range(5)]
+        for instance in dead_instances:
+            await repository.renew_lease(instance, -1)
+        room_list = [await new_room(repository) for _ in range(10)]
+        victims = [new_member() for _ in range(100)]
+        for i, victim in enumerate(victims):
+            await repository.add_member(room_list[i % 10].id, victim, dead_instances[i % 5])
+        # The members' own connections are closing too: remove_member races the reapers.
+        leavers = victims[::10]
+        results = await asyncio.gather(
+            *(repository.reap_expired_instances() for _ in range(8)),
+            *(repository.remove_member(room_list[0].id, victim) for victim in leavers),
+        )
+        reaped = [message for batch in results[:8] for message in batch]  # type: ignore[union-attr]
+        removed = [message for message in results[8:] if message is not None]
+        lefts = [message.member_id for message in [*reaped, *removed]]  # type: ignore[union-attr]
+        assert sorted(lefts) == sorted(victim.id for victim in victims)
+        for room in room_list:
+            assert await repository.list_members(room.id) == []
+            stored = await repository.list_messages(room.id, Page())
+            assert sum(m.type is MessageType.LEFT for m in stored) == 10
+
+
+async def test_release_lease_forgets_the_instance(repository: PostgresRepository, dsn: str) -> None:
+    async with asyncio.timeout(WAIT):
+        instance = uuid4()
+        await repository.renew_lease(instance, 60)
+        await repository.renew_lease(instance, 120)
+        [(expires,)] = await query(dsn, sa.select(instances.c.lease_expires))
+        [(now,)] = await query(dsn, sa.select(sa.func.now()))
+        assert 110 < (expires - now).total_seconds() <= 120
+        await repository.release_lease(instance)
+        assert await query(dsn, sa.select(instances.c.id)) == []
+
+
+# --- idle rooms ------------------------------------------------------------------------
+
+
+async def test_idle_rooms_are_deleted_with_everything_in_them(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        idle, busy, never_joined = [await new_room(repository) for _ in range(3)]
+        member = new_member()
+        await repository.add_member(idle.id, member, uuid4())
+        await repository.add_message(idle.id, member, "soon gone")
+        await repository.remove_member(idle.id, member)
+        await repository.add_member(busy.id, new_member(), uuid4())
+
+        assert await repository.delete_idle_rooms(3600) == []
+        assert sorted(await repository.delete_idle_rooms(0)) == sorted([idle.id, never_joined.id])
+
+        with pytest.raises(RoomNotFound):
+            await repository.get_room(idle.id)
+        assert await repository.get_room(busy.id) == busy
+        for table in (members, messages):
+            in_idle = sa.select(table.c.id).where(table.c.room_id == idle.id)
+            assert await query(dsn, in_idle) == []
+        assert await repository.delete_idle_rooms(0) == []
+
+
+# --- PostgreSQL away -------------------------------------------------------------------
+
+
+async def test_calls_fail_promptly_without_postgres_and_recover_after() -> None:
+    async with asyncio.timeout(WAIT * 3), throwaway_cluster() as cluster:
+        await migrate(cluster.dsn)
+        async with open_postgres_repository(cluster.dsn, timeout=2.0) as repository:
+            room = await new_room(repository)
+            member = new_member()
+            await repository.add_member(room.id, member, uuid4())
+            await cluster.stop()
+            for call in unavailable_calls(repository, room.id, member):
+                await expect_unavailable(call)
+            await cluster.start()
+            # The same object, without re-creation: its pool reconnects by itself.
+            await repository.ping()
+            await repository.add_message(room.id, member, "back again")
+            assert await history(repository, room.id) == ["Teal Otter joined", "back again"]
+
+
+async def test_calls_time_out_on_a_frozen_server_and_recover_after() -> None:
+    async with asyncio.timeout(WAIT * 3), throwaway_cluster() as cluster:
+        await migrate(cluster.dsn)
+        async with open_postgres_repository(cluster.dsn, timeout=1.0) as repository:
+            room = await new_room(repository)
+            member = new_member()
+            await repository.add_member(room.id, member, uuid4())
+            with cluster.frozen():  # a server that accepts nothing and answers nothing
+                results = await asyncio.gather(
+                    *(
+                        expect_unavailable(call)
+                        for call in unavailable_calls(repository, room.id, member)
+                    ),
+                    return_exceptions=True,
+                )
+            assert results == [None] * len(results)
+            await repository.ping()
+            await repository.add_message(room.id, member, "thawed")
+            assert (await history(repository, room.id))[-1] == "thawed"
+
+
+def unavailable_calls(
+    repository: PostgresRepository, room_id: UUID, member: Member
+) -> list[Awaitable[Any]]:
+    return [
+        repository.ping(),
+        repository.get_room(room_id),
+        repository.list_messages(room_id, Page()),
+        repository.add_message(room_id, member, "into the void"),
+        repository.remove_member(room_id, member),
+        repository.reap_expired_instances(),
+        repository.delete_idle_rooms(0),
+    ]
+
+
+async def expect_unavailable(call: Awaitable[Any]) -> None:
+    with pytest.raises(BackendUnavailable):
+        async with asyncio.timeout(PROMPT):
+            await call
