@@ -1,0 +1,397 @@
+"""The Redis pub/sub adapter of the Queue port: how instances see each other's messages.
+
+Each room is the channel `<prefix>room:<room_id>`. An instance holds one pub/sub
+connection for all of its rooms, read by one listener task, and publishes over a
+small pool. It also publishes a canary to its own channel `<prefix>instance:<id>`
+every `canary_interval` seconds: a subscription that stops delivering without the
+connection failing (a half-open socket, a proxy that lost its state) shows up as
+an overdue canary, and is then rebuilt like a lost one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Self
+from uuid import UUID
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import RedisError
+
+from sharechat.domain import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+# Seconds for a connect, a socket read or write, a ping and a subscribe confirmation: an
+# outage must turn into BackendUnavailable quickly, not hang a member's join or message.
+_TIMEOUT = 1.5
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 2.0
+_STALL_INTERVALS = 3  # canary intervals without a canary before the subscription is rebuilt
+_INBOX_SIZE = 10_000
+_MAX_BATCH = 1_000  # publishes per pipeline; the rest go in the next one
+_POOL_SIZE = 8
+
+
+@contextlib.asynccontextmanager
+async def open_redis_queue(
+    url: str,
+    *,
+    prefix: str = "sharechat:",
+    instance_id: UUID,
+    canary_interval: float = 2.0,
+) -> AsyncIterator[RedisQueue]:
+    """Connect, subscribe and listen; on exit stop every task and close every connection.
+
+    Waits up to a couple of seconds for the first subscription; if Redis is not there
+    yet, the queue is yielded anyway: ping() reports it and the listener keeps trying.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=_POOL_SIZE,
+        timeout=_TIMEOUT,
+        socket_timeout=_TIMEOUT,
+        socket_connect_timeout=_TIMEOUT,
+        socket_keepalive=True,
+        protocol=2,
+    )
+    client = Redis.from_pool(pool)
+    canary_channel = f"{prefix}instance:{instance_id}".encode()
+    publisher = _Publisher(client)
+    subscriber = _Subscriber(pool, canary_channel, _STALL_INTERVALS * canary_interval)
+    tasks = [
+        asyncio.create_task(publisher.run(), name="redis-queue-publisher"),
+        asyncio.create_task(subscriber.run(), name="redis-queue-listener"),
+        asyncio.create_task(
+            _publish_canaries(publisher, canary_channel, canary_interval),
+            name="redis-queue-canary",
+        ),
+    ]
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(subscriber.ready(), _TIMEOUT)
+        yield RedisQueue(client, publisher, subscriber, prefix)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+
+
+class RedisQueue:
+    """The Queue port over Redis pub/sub. Build it with open_redis_queue()."""
+
+    def __init__(
+        self, client: Redis, publisher: _Publisher, subscriber: _Subscriber, prefix: str
+    ) -> None:
+        self._client = client
+        self._publisher = publisher
+        self._subscriber = subscriber
+        self._prefix = prefix
+
+    async def ping(self) -> None:
+        """Raises BackendUnavailable unless Redis answers and the subscription delivers."""
+        reason = self._subscriber.down_reason
+        if reason is not None:
+            raise BackendUnavailable(f"redis: {reason}")
+        try:
+            async with asyncio.timeout(_TIMEOUT):
+                await self._client.ping()
+        except TimeoutError:
+            raise BackendUnavailable("redis: ping timed out") from None
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"redis: {_describe(exc)}") from exc
+
+    async def publish(self, room_id: UUID, payload: str) -> None:
+        await self._publisher.publish(self._channel(room_id), payload)
+
+    async def subscribe(self, room_id: UUID) -> None:
+        """Return once Redis confirmed the subscription; raise BackendUnavailable otherwise.
+
+        When this raises (or is cancelled) the room is left unsubscribed.
+        """
+        await self._subscriber.subscribe(self._channel(room_id), room_id)
+
+    async def unsubscribe(self, room_id: UUID) -> None:
+        await self._subscriber.unsubscribe(self._channel(room_id))
+
+    def received(self) -> AsyncIterator[tuple[UUID, str]]:
+        """Payloads of subscribed rooms, in publish order per room; for one consumer."""
+        return _QueueIterator(self._subscriber.inbox)
+
+    def _channel(self, room_id: UUID) -> bytes:
+        return f"{self._prefix}room:{room_id}".encode()
+
+
+@dataclass(eq=False)
+class _Claim:
+    """One subscribe() call's claim on a channel; identity tells a later call's claim apart."""
+
+    room_id: UUID
+
+
+class _Subscriber:
+    """The pub/sub connection: subscriptions, the listener loop, the canary watchdog."""
+
+    def __init__(self, pool: BlockingConnectionPool, canary_channel: bytes, stall_after: float):
+        self._pool = pool
+        self._canary_channel = canary_channel
+        self._stall_after = stall_after
+        self._rooms: dict[bytes, _Claim] = {}
+        # Redis confirms subscribes in the order they were sent on the connection, so each
+        # channel's pending subscribe() calls wait in a FIFO for their confirmations.
+        self._waiters: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
+        self._conn: AbstractConnection | None = None
+        self._ready = asyncio.Event()
+        self._warned = False
+        self.down_reason: str | None = "not connected yet"
+        self.inbox: asyncio.Queue[tuple[UUID, str]] = asyncio.Queue(_INBOX_SIZE)
+
+    async def ready(self) -> None:
+        await self._ready.wait()
+
+    async def subscribe(self, channel: bytes, room_id: UUID) -> None:
+        claim = _Claim(room_id)
+        self._rooms[channel] = claim
+        try:
+            await self._confirm_subscribe(channel)
+        except BaseException:
+            # Raising means "not subscribed", unless a later subscribe() took the channel over.
+            if self._rooms.get(channel) is claim:
+                await self.unsubscribe(channel)
+            raise
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        self._rooms.pop(channel, None)
+        conn = self._conn
+        # Sending on a broken connection would make redis-py reconnect it behind our back;
+        # a new connection subscribes only the rooms still wanted anyway.
+        if conn is None or not conn.is_connected:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            await conn.send_command("UNSUBSCRIBE", channel, check_health=False)
+
+    async def _confirm_subscribe(self, channel: bytes) -> None:
+        try:
+            async with asyncio.timeout(_TIMEOUT):
+                await self._ready.wait()
+                conn = self._conn
+                if conn is None or not conn.is_connected:
+                    raise BackendUnavailable(f"redis: {self.down_reason or 'connection lost'}")
+                confirmed = asyncio.get_running_loop().create_future()
+                self._waiters[channel].append(confirmed)
+                await conn.send_command("SUBSCRIBE", channel, check_health=False)
+                await confirmed
+        except TimeoutError:
+            reason = self.down_reason or "subscribe not confirmed"
+            raise BackendUnavailable(f"redis: {reason}") from None
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"redis: {_describe(exc)}") from exc
+
+    async def run(self) -> None:
+        """Keep one subscribed connection, reconnecting with capped, jittered backoff."""
+        delay = _BACKOFF_MIN
+        try:
+            while True:
+                try:
+                    await self._session()
+                except Exception as exc:  # whatever broke the connection, rebuild it
+                    if self._ready.is_set():
+                        delay = _BACKOFF_MIN
+                    self._lost(_describe(exc))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, _BACKOFF_MAX)
+        finally:
+            self._reset("queue closed")
+
+    async def _session(self) -> None:
+        # A connection of our own, outside the pool: it lives as long as the subscription. RESP2
+        # whatever the URL says, because _listen() reads pub/sub replies as plain arrays.
+        conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "protocol": 2})
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            rooms = list(self._rooms)
+            self._conn = conn
+            # The canary channel goes last: its confirmation means every room is subscribed.
+            await conn.send_command("SUBSCRIBE", *rooms, self._canary_channel, check_health=False)
+            try:
+                async with asyncio.timeout(self._stall_after) as deadline:
+                    await self._listen(conn, deadline, len(rooms))
+            except TimeoutError:
+                if deadline.expired():
+                    raise _Stalled("subscription stalled") from None
+                raise
+        finally:
+            await conn.disconnect()
+
+    async def _listen(
+        self, conn: AbstractConnection, deadline: asyncio.Timeout, rooms: int
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        renew_at = 0.0
+        while True:
+            reply = await conn.read_response(timeout=math.inf)
+            # Any reply proves that the subscription delivers, and the canary guarantees a
+            # reply every interval: a busy connection is never mistaken for a stalled one.
+            now = loop.time()
+            if now >= renew_at:
+                deadline.reschedule(now + self._stall_after)
+                renew_at = now + self._stall_after / _STALL_INTERVALS
+            kind, channel = reply[0], reply[1]
+            if kind == b"message":
+                claim = self._rooms.get(channel)
+                if claim is None:
+                    continue  # the canary, or a room unsubscribed a moment ago
+                item = (claim.room_id, reply[2].decode())
+                if self.inbox.full():
+                    await self._wait_for_consumer(item, deadline)
+                else:
+                    self.inbox.put_nowait(item)
+            elif kind == b"subscribe":
+                self._confirmed(channel)
+                if channel == self._canary_channel:
+                    self._back(rooms)
+
+    async def _wait_for_consumer(self, item: tuple[UUID, str], deadline: asyncio.Timeout) -> None:
+        # A slow consumer is not a stalled subscription: hold the deadline meanwhile.
+        deadline.reschedule(None)
+        await self.inbox.put(item)
+        deadline.reschedule(asyncio.get_running_loop().time() + self._stall_after)
+
+    def _confirmed(self, channel: bytes) -> None:
+        waiters = self._waiters.get(channel)
+        if not waiters:
+            return  # a resubscription after a reconnect: nobody waits for it
+        confirmed = waiters.popleft()
+        if not waiters:
+            del self._waiters[channel]
+        if not confirmed.done():  # its caller may have given up already
+            confirmed.set_result(None)
+
+    def _back(self, rooms: int) -> None:
+        self.down_reason = None
+        self._ready.set()
+        if self._warned:
+            self._warned = False
+            log.info("redis back: resubscribed %d rooms", rooms)
+
+    def _lost(self, reason: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("redis lost: %s", reason)
+        self._reset(reason)
+
+    def _reset(self, reason: str) -> None:
+        self._conn = None
+        self._ready.clear()
+        self.down_reason = reason
+        for waiters in self._waiters.values():
+            for confirmed in waiters:
+                if not confirmed.done():
+                    confirmed.set_exception(BackendUnavailable(f"redis: {reason}"))
+        self._waiters.clear()
+
+
+_Publish = tuple[bytes, str, asyncio.Future[None]]
+
+
+class _Publisher:
+    """Sends concurrent publishes as one pipeline: while one is in flight, the next fills up."""
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._pending: list[_Publish] = []
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    async def publish(self, channel: bytes, payload: str) -> None:
+        if self._closed:
+            raise BackendUnavailable("redis: queue closed")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((channel, payload, done))
+        self._wakeup.set()
+        await done
+
+    async def run(self) -> None:
+        batch: list[_Publish] = []
+        try:
+            while True:
+                await self._wakeup.wait()
+                batch = self._pending[:_MAX_BATCH]
+                del self._pending[:_MAX_BATCH]
+                if not self._pending:
+                    self._wakeup.clear()
+                await self._send(batch)
+        finally:
+            self._closed = True
+            _fail(batch + self._pending, "queue closed")
+
+    async def _send(self, batch: list[_Publish]) -> None:
+        # A caller cancelled before its turn has given up: do not publish behind its back.
+        batch = [entry for entry in batch if not entry[2].done()]
+        if not batch:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for channel, payload, _ in batch:
+                    pipe.publish(channel, payload)
+                replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # a connection broken mid-pipeline raises more than RedisError
+            _fail(batch, _describe(exc))
+            return
+        for (_, _, done), reply in zip(batch, replies, strict=True):
+            if done.done():
+                continue
+            if isinstance(reply, Exception):
+                done.set_exception(BackendUnavailable(f"redis: {reply}"))
+            else:
+                done.set_result(None)
+
+
+async def _publish_canaries(publisher: _Publisher, channel: bytes, interval: float) -> None:
+    while True:
+        # A canary that cannot be published is missed by the listener: that is the alarm.
+        with contextlib.suppress(BackendUnavailable):
+            await publisher.publish(channel, "canary")
+        await asyncio.sleep(interval)
+
+
+class _QueueIterator:
+    """Iterates an asyncio.Queue; unlike an async generator, a cancelled wait loses nothing."""
+
+    def __init__(self, queue: asyncio.Queue[tuple[UUID, str]]) -> None:
+        self._queue = queue
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> tuple[UUID, str]:
+        return await self._queue.get()
+
+
+class _Stalled(Exception):
+    pass
+
+
+def _fail(entries: list[_Publish], reason: str) -> None:
+    for _, _, done in entries:
+        if not done.done():
+            done.set_exception(BackendUnavailable(f"redis: {reason}"))
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for logs and health answers, e.g. "connection refused"."""
+    # redis-py's messages repeat the address and errno; the OS error behind them says it best.
+    origin = exc.__context__
+    if isinstance(exc, RedisError) and isinstance(origin, OSError) and origin.errno:
+        return os.strerror(origin.errno).lower()
+    text = str(exc).rstrip(".") or type(exc).__name__
+    return text[:1].lower() + text[1:]

@@ -1,0 +1,196 @@
+"""Redis for tests: the shared server, unique channel prefixes, throwaway servers to kill,
+and a proxy that silences pub/sub connections without closing them.
+
+A plain module (not a conftest) so that any test can import what it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import uuid4
+
+# The shared server; other test runs use it at the same time, hence unique_prefix().
+REDIS_URL = os.environ.get("SHARECHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def unique_prefix(tag: str = "test") -> str:
+    """A channel prefix no other test (or test run) shares."""
+    return f"sharechat-{tag}-{uuid4().hex}:"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def eventually(check: Callable[[], Awaitable[object]], within: float = 10.0) -> None:
+    """Retry `check` until it returns without raising; after `within` s, raise its last error.
+
+    Polling against a deadline is how tests wait for the system to converge: a fixed
+    sleep is either too short on a loaded machine or wasted time on an idle one. Give
+    `check` a timeout of its own if it can hang.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await check()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+        else:
+            return
+
+
+class RedisServer:
+    """A throwaway redis-server: kill() it to fake an outage, start() it again on the same port."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and return once it answers PING."""
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        self._process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            self._wait_until_ready(time.monotonic() + timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to the clients, as when a machine dies."""
+        if self._process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self._process.send_signal(signal.SIGKILL)
+        self._process.wait(timeout=10)
+        self._process = None
+
+    def _wait_until_ready(self, deadline: float) -> None:
+        while not self._answers_ping():
+            assert self._process is not None
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[RedisServer]:
+    """A started throwaway server, killed on exit (its data dir is `directory`)."""
+    server = RedisServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@dataclass(eq=False)
+class _Pipe:
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    subscriber: bool = False
+
+
+class StallingProxy:
+    """A TCP proxy to a Redis server that can make pub/sub connections go silent.
+
+    stall_subscribers() stops forwarding, both ways, on every connection that has sent
+    SUBSCRIBE, but leaves its sockets open: the client sees neither data nor an error,
+    as with a half-open connection or a proxy that lost its subscriptions. Connections
+    opened later are forwarded normally.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream_port = upstream_port
+        self._pipes: list[_Pipe] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stall_subscribers(self) -> int:
+        """Silence every pub/sub connection open now; return how many there were."""
+        stalled = [pipe for pipe in self._pipes if pipe.subscriber and pipe.pumps]
+        for pipe in stalled:
+            for pump in pipe.pumps:
+                pump.cancel()
+            pipe.pumps.clear()
+        return len(stalled)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for pipe in self._pipes:
+            for pump in pipe.pumps:
+                pump.cancel()
+            await asyncio.gather(*pipe.pumps, return_exceptions=True)
+            for writer in (pipe.client, pipe.upstream):
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        except OSError:
+            writer.close()
+            return
+        pipe = _Pipe(client=writer, upstream=up_writer)
+        pipe.pumps = [
+            asyncio.create_task(self._pump(reader, up_writer, pipe)),
+            asyncio.create_task(self._pump(up_reader, writer, None)),
+        ]
+        self._pipes.append(pipe)
+
+    @staticmethod
+    async def _pump(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sender: _Pipe | None
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if sender is not None and b"SUBSCRIBE" in data:
+                    sender.subscriber = True
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        # Not in a finally: a stalled pump is cancelled and must leave the socket open.
+        writer.close()

@@ -1,0 +1,284 @@
+"""The Redis queue against real Redis servers: the shared one, and throwaway ones to break."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from redis.asyncio import Redis
+
+from sharechat.domain import BackendUnavailable
+from sharechat.redis_queue import RedisQueue, open_redis_queue
+from tests.redis_support import (
+    REDIS_URL,
+    RedisServer,
+    StallingProxy,
+    eventually,
+    free_port,
+    redis_server,
+    unique_prefix,
+)
+
+OpenQueue = Callable[..., Awaitable[RedisQueue]]
+Inbox = AsyncIterator[tuple[UUID, str]]
+
+
+@pytest.fixture
+async def open_queue() -> AsyncIterator[OpenQueue]:
+    """Opens queues ("instances") sharing one unique prefix; closes them all at the end."""
+    prefix = unique_prefix()
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def open_(url: str = REDIS_URL, **options: Any) -> RedisQueue:
+            queue_cm = open_redis_queue(url, prefix=prefix, instance_id=uuid4(), **options)
+            async with asyncio.timeout(10):
+                return await stack.enter_async_context(queue_cm)
+
+        yield open_
+
+
+@pytest.fixture
+async def queue(open_queue: OpenQueue) -> RedisQueue:
+    return await open_queue()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    with redis_server(tmp_path) as started:
+        yield started
+
+
+@pytest.fixture
+def redis_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="sharechat.redis_queue")
+    return caplog
+
+
+async def receive(inbox: Inbox) -> tuple[UUID, str]:
+    async with asyncio.timeout(5):
+        return await anext(inbox)
+
+
+async def call(awaitable: Awaitable[Any]) -> Any:
+    async with asyncio.timeout(5):
+        return await awaitable
+
+
+async def unavailable(operation: Awaitable[object]) -> str:
+    """Assert that the operation raises BackendUnavailable within 3 s; return its reason."""
+    try:
+        async with asyncio.timeout(3):
+            await operation
+    except BackendUnavailable as exc:
+        return str(exc)
+    raise AssertionError("expected BackendUnavailable")
+
+
+async def test_publish_subscribe_round_trip(queue: RedisQueue) -> None:
+    room = uuid4()
+    payload = '{"message":"héllo ✓ \\"quoted\\""}'
+    await call(queue.subscribe(room))
+    await call(queue.publish(room, payload))
+    assert await receive(queue.received()) == (room, payload)
+
+
+async def test_payload_published_right_after_subscribe_is_received(
+    open_queue: OpenQueue,
+) -> None:
+    own, other = await open_queue(), await open_queue()
+    inbox = own.received()
+    for n in range(30):
+        room = uuid4()
+        await call(own.subscribe(room))
+        await call((own if n % 2 else other).publish(room, f"first {n}"))
+        assert await receive(inbox) == (room, f"first {n}")
+
+
+async def test_two_instances_receive_every_message_in_the_same_order(
+    open_queue: OpenQueue,
+) -> None:
+    first, second = await open_queue(), await open_queue()
+    room = uuid4()
+    await call(asyncio.gather(first.subscribe(room), second.subscribe(room)))
+    sent = [(first if n % 2 else second, f"{n}") for n in range(200)]
+    await call(asyncio.gather(*(sender.publish(room, text) for sender, text in sent)))
+
+    orders = []
+    for instance in (first, second):
+        inbox = instance.received()
+        orders.append([(await receive(inbox))[1] for _ in sent])
+    assert orders[0] == orders[1]
+    assert sorted(orders[0], key=int) == [text for _, text in sent]
+    # Each sender's own messages keep the order it sent them in.
+    for parity in (0, 1):
+        own = [text for text in orders[0] if int(text) % 2 == parity]
+        assert own == sorted(own, key=int)
+
+
+async def test_unsubscribe_stops_delivery(queue: RedisQueue) -> None:
+    left, kept = uuid4(), uuid4()
+    await call(asyncio.gather(queue.subscribe(left), queue.subscribe(kept)))
+    await call(queue.unsubscribe(left))
+    await call(queue.publish(left, "after unsubscribe"))
+    await call(queue.publish(kept, "marker"))
+    assert await receive(queue.received()) == (kept, "marker")
+
+
+async def test_rapid_subscribe_unsubscribe_subscribe_ends_subscribed(queue: RedisQueue) -> None:
+    sequential, concurrent = uuid4(), uuid4()
+    await call(queue.subscribe(sequential))
+    await call(queue.unsubscribe(sequential))
+    await call(queue.subscribe(sequential))
+    await call(
+        asyncio.gather(
+            queue.subscribe(concurrent), queue.unsubscribe(concurrent), queue.subscribe(concurrent)
+        )
+    )
+    inbox = queue.received()
+    for room in (sequential, concurrent):
+        await call(queue.publish(room, "still here"))
+        assert await receive(inbox) == (room, "still here")
+
+
+async def test_rapid_sequence_ending_with_unsubscribe_ends_unsubscribed(
+    queue: RedisQueue,
+) -> None:
+    room, marker = uuid4(), uuid4()
+    await call(queue.subscribe(marker))
+    await call(
+        asyncio.gather(
+            queue.subscribe(room),
+            queue.unsubscribe(room),
+            queue.subscribe(room),
+            queue.unsubscribe(room),
+        )
+    )
+    await call(queue.publish(room, "nobody listens"))
+    await call(queue.publish(marker, "marker"))
+    assert await receive(queue.received()) == (marker, "marker")
+
+
+async def test_rooms_not_subscribed_are_not_delivered(open_queue: OpenQueue) -> None:
+    mine, theirs = await open_queue(), await open_queue()
+    my_room, their_room = uuid4(), uuid4()
+    await call(mine.subscribe(my_room))
+    await call(theirs.subscribe(their_room))
+    await call(mine.publish(their_room, "theirs"))
+    await call(mine.publish(my_room, "mine"))
+    assert await receive(mine.received()) == (my_room, "mine")
+    assert await receive(theirs.received()) == (their_room, "theirs")
+
+
+async def test_publish_without_subscribers_succeeds(queue: RedisQueue) -> None:
+    await call(queue.publish(uuid4(), "into the void"))
+
+
+async def test_ping_ok(queue: RedisQueue) -> None:
+    await call(queue.ping())
+
+
+async def test_closing_stops_every_task() -> None:
+    async with open_redis_queue(REDIS_URL, prefix=unique_prefix(), instance_id=uuid4()) as queue:
+        await call(queue.ping())
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("redis-queue")]
+    assert "closed" in await unavailable(queue.publish(uuid4(), "too late"))
+
+
+async def test_outage_is_reported_and_survived(
+    open_queue: OpenQueue, server: RedisServer, redis_logs: pytest.LogCaptureFixture
+) -> None:
+    queue = await open_queue(server.url)
+    inbox = queue.received()
+    room = uuid4()
+    await call(queue.subscribe(room))
+    await call(queue.publish(room, "before"))
+    assert await receive(inbox) == (room, "before")
+
+    server.kill()
+    assert (await unavailable(queue.ping())).startswith("redis: ")
+    assert await unavailable(queue.publish(room, "during")) == "redis: connection refused"
+    concurrent = await call(
+        asyncio.gather(*(queue.publish(room, "during") for _ in range(5)), return_exceptions=True)
+    )
+    assert all(isinstance(result, BackendUnavailable) for result in concurrent)
+    await unavailable(queue.subscribe(uuid4()))
+
+    server.start()
+    await eventually(lambda: call(queue.ping()))
+    await call(queue.publish(room, "after"))
+    assert await receive(inbox) == (room, "after")
+    assert "redis lost: connection closed by server" in redis_logs.text
+    assert "redis back: resubscribed 1 rooms" in redis_logs.text
+
+
+async def test_pubsub_connection_killed_by_redis_is_rebuilt(
+    open_queue: OpenQueue, server: RedisServer, redis_logs: pytest.LogCaptureFixture
+) -> None:
+    queue = await open_queue(server.url)
+    room = uuid4()
+    await call(queue.subscribe(room))
+    async with Redis.from_url(server.url) as admin:
+        assert await call(admin.client_kill_filter(_type="pubsub")) == 1
+
+    async def noticed() -> None:
+        assert "redis back: resubscribed 1 rooms" in redis_logs.text
+
+    await eventually(noticed)
+    await call(queue.ping())
+    await call(queue.publish(room, "after"))
+    assert await receive(queue.received()) == (room, "after")
+
+
+async def test_starts_without_redis_and_connects_once_it_is_up(
+    open_queue: OpenQueue, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path, port=free_port())
+    queue = await open_queue(server.url)
+    assert "connection refused" in await unavailable(queue.ping())
+    assert "redis:" in await unavailable(queue.subscribe(uuid4()))
+    server.start()
+    try:
+        await eventually(lambda: call(queue.ping()))
+        room = uuid4()
+        await call(queue.subscribe(room))
+        await call(queue.publish(room, "hello"))
+        assert await receive(queue.received()) == (room, "hello")
+    finally:
+        server.kill()
+
+
+async def test_stalled_subscription_is_detected_and_rebuilt(
+    open_queue: OpenQueue, server: RedisServer, redis_logs: pytest.LogCaptureFixture
+) -> None:
+    proxy = StallingProxy(server.port)
+    await call(proxy.start())
+    try:
+        queue = await open_queue(proxy.url, canary_interval=0.1)
+        inbox = queue.received()
+        room = uuid4()
+        await call(queue.subscribe(room))
+        await call(queue.publish(room, "before"))
+        assert await receive(inbox) == (room, "before")
+
+        # Only the pub/sub connection goes silent: PING and PUBLISH still work, so the
+        # canary is the one thing that can tell.
+        assert proxy.stall_subscribers() == 1
+
+        async def reports_stall() -> None:
+            reason = await unavailable(queue.ping())
+            assert reason == "redis: subscription stalled"
+
+        await eventually(reports_stall)
+        await eventually(lambda: call(queue.ping()))
+        await call(queue.publish(room, "after"))
+        assert await receive(inbox) == (room, "after")
+        assert "redis lost: subscription stalled" in redis_logs.text
+        assert "redis back: resubscribed 1 rooms" in redis_logs.text
+    finally:
+        await call(proxy.close())
