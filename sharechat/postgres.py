@@ -478,7 +478,9 @@ class PostgresRepository:
             rows = await cursor.fetchall()
         if not rows:
             raise RoomNotFound(str(room_id))
-        return [Member(id=member_id, name=name) for member_id, name in rows if member_id]
+        return [
+            Member(id=member_id, name=name) for member_id, name in rows if member_id is not None
+        ]
 
     async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
         async with self._cursor() as cursor:
@@ -555,6 +557,8 @@ class PostgresRepository:
             expired = [instance_id for (instance_id,) in await cursor.fetchall()]
             await _LOCK_ROOMS_OF_DEAD.run(cursor, expired=expired)
             room_ids = [room_id for (room_id,) in await cursor.fetchall()]
+            if not expired and not room_ids:
+                return []
             # Rooms are locked now: these members cannot leave under our feet,
             # and a concurrent reaper sees them gone once we commit.
             await _DELETE_DEAD.run(cursor, expired=expired, room_ids=room_ids)
@@ -594,13 +598,19 @@ class PostgresRepository:
                 try:
                     async with connection.cursor() as cursor:
                         yield cursor
-                except _DRIVER_ERRORS:
+                except (*_DRIVER_ERRORS, asyncio.CancelledError):
                     # Its state is unknown now: closed, the pool drops it for a new one.
                     connection.close()
                     raise
         except _DRIVER_ERRORS as error:
             self._lost(error)
             raise BackendUnavailable(f"PostgreSQL: {_reason(error)}") from error
+        except asyncio.CancelledError:
+            if _cancelled():
+                raise
+            # aiopg turns a statement the server cancelled (statement_timeout,
+            # pg_cancel_backend) into CancelledError, though nobody cancelled us.
+            raise BackendUnavailable("PostgreSQL: the statement was cancelled") from None
         self._back()
 
     def _lost(self, error: BaseException) -> None:
@@ -610,8 +620,13 @@ class PostgresRepository:
 
     def _back(self) -> None:
         if not self._available:
-            log.warning("PostgreSQL available again")
+            log.info("PostgreSQL available again")
         self._available = True
+
+
+def _cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 async def _page_bounds(cursor: aiopg.Cursor, room_id: UUID, page: Page) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from sharechat.postgres import (
     open_postgres_repository,
     rooms,
 )
+from tests.helpers import eventually
 from tests.pg_support import temporary_database, throwaway_cluster
 
 WAIT = 20.0  # the deadline of a whole test body
@@ -413,6 +414,49 @@ async def test_delete_message_removes_it_from_history(repository: PostgresReposi
         await repository.delete_message(dropped.id)
         await repository.delete_message(uuid4())
         assert await repository.list_messages(room.id, Page()) == [kept]
+
+
+async def test_a_statement_the_server_cancels_raises_backend_unavailable(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        lock = sa.select(rooms.c.id).where(rooms.c.id == room.id).with_for_update()
+        compiled = lock.compile(dialect=DIALECT)
+        async with (
+            aiopg.connect(dsn, enable_hstore=False) as blocker,
+            blocker.cursor() as cursor,
+            cursor.begin(),
+        ):
+            await cursor.execute(str(compiled), compiled.params)
+            joining = asyncio.create_task(repository.add_member(room.id, new_member(), uuid4()))
+            waiter = await backend_waiting_for_a_lock(dsn)
+            await query(dsn, sa.select(sa.func.pg_cancel_backend(waiter)))
+            with pytest.raises(BackendUnavailable, match="cancelled"):
+                await joining
+        assert (await repository.add_member(room.id, new_member(), uuid4())).type == "joined"
+
+
+async def backend_waiting_for_a_lock(dsn: str) -> int:
+    activity = sa.table(
+        "pg_stat_activity",
+        sa.column("pid"),
+        sa.column("datname"),
+        sa.column("wait_event_type"),
+    )
+    waiting = sa.select(activity.c.pid).where(
+        activity.c.datname == sa.func.current_database(),
+        activity.c.wait_event_type == "Lock",
+    )
+    found: list[Any] = []
+
+    async def someone_waits() -> bool:
+        found[:] = await query(dsn, waiting)
+        return bool(found)
+
+    await eventually(someone_waits)
+    [(pid,)] = found
+    return int(pid)
 
 
 # --- leases and reaping ----------------------------------------------------------------
