@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -43,19 +44,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(config: settings.Config) -> int:
+    asyncio.run(_run_until_signalled(config))
+    return 0
+
+
+async def _run_until_signalled(config: settings.Config) -> None:
+    """Serve until SIGTERM or SIGINT, then leave cleanly; a second signal exits at once."""
     from aiohttp import web
 
-    from sharechat.app import create_app
+    from sharechat.app import SHUTDOWN_GRACE, create_app
 
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=8.0,
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    runner = web.AppRunner(
+        create_app(config), access_log=None, shutdown_timeout=SHUTDOWN_GRACE + 1
     )
-    return 0
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        log.info("serving on http://%s:%d", config.host, config.port)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def _migrate(config: settings.Config) -> int:

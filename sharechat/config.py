@@ -31,7 +31,7 @@ class Config:
     redis_prefix: str = "sharechat:"
     db_pool_size: int = 10
     backend_timeout: float = 5.0
-    instance_lease: float = 10.0  # a dead instance's members are reaped after this
+    instance_lease: float = 6.0  # a dead instance's members are reaped within this + lease/3
 
 
 def _positive_int(text: str) -> int:
