@@ -38,7 +38,8 @@ async def test_first_frame_is_own_joined(chat: Chat) -> None:
     assert SENT_FORMAT.match(joined["sent"])
     assert NAME_FORMAT.match(joined["memberName"])
     color, noun = joined["memberName"].split()
-    assert color in names.COLORS and noun in names.NOUNS
+    assert color in names.COLORS
+    assert noun in names.NOUNS
     assert joined in await chat.history(room)
 
 
@@ -125,7 +126,8 @@ async def test_oversized_frame_fails_for_the_sender_alone(start_server: StartSer
     assert failed["type"] == "failed"
     assert failed["memberId"] == alice_joined["memberId"]
     assert failed["memberName"] == alice_joined["memberName"]
-    assert "9 bytes" in failed["message"] and "8" in failed["message"]
+    assert "9 bytes" in failed["message"]
+    assert "8" in failed["message"]
     assert SENT_FORMAT.match(failed["sent"])
 
     await alice.send_str("é" * 4)  # exactly 8 bytes: accepted, and the socket is still open
@@ -142,7 +144,8 @@ async def test_binary_frame_fails_for_the_sender_alone(chat: Chat) -> None:
     await receive_json(alice)
     await alice.send_bytes(b"\x00\x01binary")
     failed = await receive_json(alice)
-    assert failed["type"] == "failed" and "binary" in failed["message"]
+    assert failed["type"] == "failed"
+    assert "binary" in failed["message"]
     await alice.send_str("still here")
     assert (await receive_json(bob))["message"] == "still here"
     assert (await receive_json(alice))["message"] == "still here"
@@ -183,7 +186,8 @@ async def test_flood_gets_failed_for_the_excess(start_server: StartServer) -> No
         await alice.send_str(f"spam {n}")
     frames = [await receive_json(alice) for _ in range(10)]
     kinds = [frame["type"] for frame in frames]
-    assert kinds.count("chat") == 3 and kinds.count("failed") == 7
+    assert kinds.count("chat") == 3
+    assert kinds.count("failed") == 7
     assert all("rate" in f["message"] for f in frames if f["type"] == "failed")
     seen_by_bob = [(await receive_json(bob))["message"] for _ in range(3)]
     assert seen_by_bob == ["spam 0", "spam 1", "spam 2"]
@@ -234,7 +238,7 @@ async def test_member_that_stops_answering_pings_is_dropped(start_server: StartS
     room = await chat.room()
     alice, _ = await chat.join(room)
     # autoping off and never reading: this client will not answer the server's pings.
-    mute, mute_joined = await chat.join(room, autoping=False)
+    _mute, mute_joined = await chat.join(room, autoping=False)
     await receive_until(alice, is_type("joined", mute_joined["memberId"]))
     # Alice answers her pings (her reads run the client's autoping) and stays.
     await receive_until(alice, is_type("left", mute_joined["memberId"]))
