@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
 
@@ -24,7 +23,6 @@ SHUTDOWN_GRACE = 5.0  # seconds members get to leave cleanly on shutdown
 def create_app(config: Config, instance_id: UUID | None = None) -> web.Application:
     app = web.Application(middlewares=[routes.json_errors])
     app[routes.CONFIG] = config
-    app[routes.SOCKETS] = weakref.WeakSet()
     instance = instance_id or uuid4()
 
     async def chat(app: web.Application) -> AsyncIterator[None]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
 CONTROLLER = web.AppKey("controller", Controller)
-SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_PAGE = 1000
@@ -148,14 +146,19 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
     config, controller = request.app[CONFIG], request.app[CONTROLLER]
     room_id = _room_id(request)
     _check_origin(request, config.allowed_origins)
-    await controller.get_room(room_id)  # 404 before any upgrade
+    outage: BackendUnavailable | None = None
+    try:
+        await controller.get_room(room_id)  # 404 before any upgrade
+    except BackendUnavailable as error:
+        outage = error  # refused after the upgrade: a browser sees a close code, not a status
     ws = web.WebSocketResponse(
         heartbeat=config.ping_interval,
         max_msg_size=max(FRAME_CEILING, 4 * config.max_message_bytes),
     )
     await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
     try:
+        if outage:
+            raise outage
         session = await controller.join(room_id, ws)
     except (RoomNotFound, BackendUnavailable) as error:
         log.warning("join refused in room %s: %r", room_id, error)
