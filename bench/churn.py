@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
+import orjson
 
 from bench.plan import Tally, Window
 
@@ -33,6 +33,6 @@ async def join_and_leave(session: aiohttp.ClientSession, url: str) -> int:
     async with session.ws_connect(url) as ws:
         msg = await ws.receive(timeout=JOIN_TIMEOUT)
         arrived = time.monotonic_ns()
-        if msg.type is not aiohttp.WSMsgType.TEXT or json.loads(msg.data)["type"] != "joined":
+        if msg.type is not aiohttp.WSMsgType.TEXT or orjson.loads(msg.data)["type"] != "joined":
             return 0
     return arrived

@@ -7,14 +7,14 @@ import multiprocessing
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 import aiohttp
 
 from bench.plan import Plan, Seat, Tally
-from bench.procfs import machine_cpu, process_cpu, rss_kib
+from bench.procfs import Meter, Usage, rss_kib
 from bench.scenarios import Kind, Scenario
 from bench.worker import process_main
 
@@ -29,9 +29,11 @@ class Sample:
 
     rss_before_kib: int = 0
     rss_connected_kib: int = 0
-    wall_seconds: float = 0.0
-    server_cpu_seconds: float = 0.0
-    machine_busy_seconds: float = 0.0
+    # From the start of the processes until all are connected:
+    connecting: Usage = field(default_factory=Usage)
+    # From t0 (warm-up included) until the window ends:
+    sending: Usage = field(default_factory=Usage)
+    sending_seconds: float = 0.0
 
 
 @dataclass
@@ -46,8 +48,10 @@ def run_scenario(sc: Scenario, base_url: str, server_pid: int, processes: int) -
     room_ids = asyncio.run(create_rooms(base_url, sc.rooms))
     plans = make_plans(sc, base_url, room_ids, processes)
     sample = Sample(rss_before_kib=rss_kib(server_pid))
+    meter = Meter(server_pid)
     with workers(plans) as conns:
         gather(conns, "ready")
+        sample.connecting = meter.read()
         time.sleep(SETTLE_S)
         sample.rss_connected_kib = rss_kib(server_pid)
         t0 = time.monotonic_ns() + START_DELAY_NS
@@ -110,11 +114,10 @@ def make_seats(sc: Scenario) -> Iterator[Seat]:
 def measure(sample: Sample, pid: int, start_ns: int, end_ns: int) -> None:
     """CPU of the server and of the whole machine from start_ns to end_ns (monotonic)."""
     sleep_until(start_ns)
-    server0, (busy0, _) = process_cpu(pid), machine_cpu()
+    meter = Meter(pid)
     sleep_until(end_ns)
-    sample.server_cpu_seconds = process_cpu(pid) - server0
-    sample.machine_busy_seconds = machine_cpu()[0] - busy0
-    sample.wall_seconds = (end_ns - start_ns) / 1e9
+    sample.sending = meter.read()
+    sample.sending_seconds = (end_ns - start_ns) / 1e9
 
 
 def sleep_until(t_ns: int) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 
+import orjson
 from aiohttp import ClientWebSocketResponse, WSMsgType
 
 from bench.plan import Seat, Tally, Window
@@ -106,7 +106,7 @@ class Member:
             await self.ws.send_str(body)
 
     def on_frame(self, data: str, now: int) -> None:
-        msg = json.loads(data)
+        msg = orjson.loads(data)
         if msg["roomId"] != self.room_id:
             self.tally.cross_room += 1
         elif msg["type"] == "chat":
@@ -118,7 +118,8 @@ class Member:
             self.presence.see(msg["type"], msg["memberId"])
 
     def on_chat(self, body: str, now: int) -> None:
-        sender, seq, t_sent = (int(v) for v in body.split(":"))
+        sender_text, seq_text, t_text = body.split(":")
+        sender, seq, t_sent = int(sender_text), int(seq_text), int(t_text)
         if self.room_of[sender] != self.seat.room:
             self.tally.cross_room += 1
             return

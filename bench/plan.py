@@ -56,7 +56,8 @@ class Tally:
     joins: int = 0
     unmatched_presence: int = 0
     connect_span: tuple[int, int] = (0, 0)
-    cpu_seconds: float = 0.0
+    connect_cpu_seconds: float = 0.0  # this process's CPU while connecting its seats
+    cpu_seconds: float = 0.0  # this process's CPU from t0 until the window ends
     delivery_us: array[int] = field(default_factory=lambda: array("q"))
     ack_us: array[int] = field(default_factory=lambda: array("q"))
     join_us: array[int] = field(default_factory=lambda: array("q"))

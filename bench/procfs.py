@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -23,6 +24,26 @@ def process_cpu(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds used by the server and by the whole machine over some interval."""
+
+    server: float = 0.0
+    machine: float = 0.0
+
+
+class Meter:
+    """Counts the CPU the server and the machine use from its creation on."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.server = process_cpu(pid)
+        self.machine = machine_cpu()[0]
+
+    def read(self) -> Usage:
+        return Usage(process_cpu(self.pid) - self.server, machine_cpu()[0] - self.machine)
 
 
 def machine_cpu() -> tuple[float, float]:

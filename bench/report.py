@@ -25,10 +25,14 @@ def ms(value: float | None) -> str:
     return f"{value:,.2f}" if value < 10 else f"{value:,.0f}"
 
 
+SATURATED = 0.9  # a load-generating process this busy may be what limits the figures
+
+
 def cpu(r: Result) -> str:
-    return "/".join(
-        f"{v:.2f}" for v in (r.client_cpu, r.server_cpu, r.machine_cpu, r.background_cpu)
-    )
+    """Cores: generator (! when one of its processes saturates), server, machine, background."""
+    mark = "!" if r.client_cpu_max >= SATURATED else ""
+    others = (r.server_cpu, r.machine_cpu, r.background_cpu)
+    return f"{r.client_cpu:.2f}{mark}/" + "/".join(f"{v:.2f}" for v in others)
 
 
 CHECKS: list[Column] = [
@@ -120,55 +124,48 @@ def plot(path: Path, results: list[Result], title: str) -> None:
     plt.close(fig)
 
 
-def bar_offsets(count: int, width: float) -> list[float]:
-    return [(i - (count - 1) / 2) * width for i in range(count)]
+GO_STYLE = {"color": "lightgrey", "hatch": "//", "edgecolor": "grey"}
+Series = tuple[str, list[float], dict[str, str]]
+
+
+def bars(ax: Any, names: list[str], series: list[Series]) -> list[list[float]]:
+    """One bar group per scenario, one bar per series; the x of every bar, per series."""
+    width = 0.8 / len(series)
+    placed = []
+    for k, (label, values, style) in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, values, width, label=label, **style)
+        placed.append(xs)
+    ax.set_yscale("log")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return placed
 
 
 def rate_panel(ax: Any, names: list[str], backends: list[str], results: list[Result]) -> None:
-    width = 0.8 / (len(backends) + 1)
-    offsets = bar_offsets(len(backends) + 1, width)
-    for offset, backend in zip(offsets, backends, strict=False):
-        values = [headline(results, n, backend) for n in names]
-        ax.bar([i + offset for i in range(len(names))], values, width, label=backend)
+    series: list[Series] = [(b, [headline(results, n, b) for n in names], {}) for b in backends]
     go = [go_figure(n, HEADLINE[n][1]) or 0.0 for n in names]
-    ax.bar(
-        [i + offsets[-1] for i in range(len(names))],
-        go,
-        width,
-        label=GO,
-        color="lightgrey",
-        hatch="//",
-        edgecolor="grey",
-    )
+    bars(ax, names, [*series, (GO, go, GO_STYLE)])
     ax.set_xticks(range(len(names)), [f"{n}\n{HEADLINE[n][1]}" for n in names])
-    ax.set_yscale("log")
     ax.set_title("throughput (higher is better)")
-    ax.legend(fontsize="small")
-    ax.grid(axis="y", alpha=0.3)
 
 
 def latency_panel(ax: Any, names: list[str], backends: list[str], results: list[Result]) -> None:
     """p99 as the bar, p50 and p95 as marks on it."""
-    width = 0.8 / len(backends)
-    for offset, backend in zip(bar_offsets(len(backends), width), backends, strict=True):
-        xs = [i + offset for i in range(len(names))]
-        got = [find(results, n, backend) for n in names]
-        ax.bar(xs, [r.p99_ms or 0.0 if r else 0.0 for r in got], width, label=f"{backend} p99")
+    found = [[find(results, n, b) for n in names] for b in backends]
+    series: list[Series] = [
+        (f"{b} p99", [(r.p99_ms or 0.0) if r else 0.0 for r in got], {})
+        for b, got in zip(backends, found, strict=True)
+    ]
+    go = [go_figure(n, "p99") or 0.0 for n in names]
+    placed = bars(ax, names, [*series, (f"{GO} p99", go, GO_STYLE)])
+    for xs, got in zip(placed, found, strict=False):
         for mark, field in (("_", "p50_ms"), ("x", "p95_ms")):
-            ax.scatter(
-                xs,
-                [getattr(r, field) if r else None for r in got],
-                marker=mark,
-                color="black",
-                zorder=3,
-                s=40,
-            )
+            marks = [getattr(r, field) if r else None for r in got]
+            ax.scatter(xs, marks, marker=mark, color="black", zorder=3, s=40)
     ax.set_xticks(range(len(names)), names)
-    ax.set_yscale("log")
     ax.set_ylabel("ms (bar p99, - p50, x p95)")
     ax.set_title("latency (lower is better)")
-    ax.legend(fontsize="small")
-    ax.grid(axis="y", alpha=0.3)
 
 
 def find(results: list[Result], scenario: str, backend: str) -> Result | None:

@@ -7,6 +7,7 @@ from itertools import chain
 
 from bench.driver import Raw
 from bench.plan import Tally
+from bench.procfs import Usage
 from bench.scenarios import Kind
 
 
@@ -32,9 +33,11 @@ class Result:
     connects_per_s: float | None = None
     kib_per_conn: float | None = None
     joins_per_s: float | None = None
-    client_cpu: float = 0.0  # cores used by the load generator while sending
-    server_cpu: float = 0.0  # cores used by the server process
-    machine_cpu: float = 0.0  # cores busy on the whole machine (server, databases, generator)
+    # Cores busy while sending (while connecting, for the connections scenario):
+    client_cpu: float = 0.0  # the load generator's processes
+    client_cpu_max: float = 0.0  # its busiest process: near 1.0, the generator is the bottleneck
+    server_cpu: float = 0.0  # the server process
+    machine_cpu: float = 0.0  # the whole machine (server, databases, generator, others)
     background_cpu: float = 0.0  # cores busy on the machine just before the server started
     processes: int = 0
     crashed: bool = False
@@ -42,8 +45,7 @@ class Result:
 
 
 def summarize(raw: Raw, backend: str) -> Result:
-    sc, tallies, sample = raw.scenario, raw.tallies, raw.sample
-    wall = sample.wall_seconds
+    sc, tallies = raw.scenario, raw.tallies
     result = Result(
         sc.name,
         backend,
@@ -51,11 +53,22 @@ def summarize(raw: Raw, backend: str) -> Result:
         connected=sum(t.connected for t in tallies),
         errors=sum(t.errors for t in tallies),
         cross_room=sum(t.cross_room for t in tallies),
-        client_cpu=sum(t.cpu_seconds for t in tallies) / wall,
-        server_cpu=sample.server_cpu_seconds / wall,
-        machine_cpu=sample.machine_busy_seconds / wall,
     )
     add_delivery(result, tallies)
+    add_latency(result, raw)
+    if sc.kind is Kind.CONNECTIONS:
+        add_connections(result, raw)
+    else:
+        add_cpu(
+            result, raw.sample.sending, [t.cpu_seconds for t in tallies], raw.sample.sending_seconds
+        )
+    if sc.kind is Kind.CHURN:
+        result.joins_per_s = sum(t.joins for t in tallies) / sc.duration
+    return result
+
+
+def add_latency(result: Result, raw: Raw) -> None:
+    sc, tallies = raw.scenario, raw.tallies
     acks = sum(len(t.ack_us) for t in tallies)
     deliveries = sum(len(t.delivery_us) for t in tallies)
     result.acked_per_s = acks / sc.duration
@@ -68,11 +81,14 @@ def summarize(raw: Raw, backend: str) -> Result:
     )
     acked = sorted(chain.from_iterable(t.ack_us for t in tallies))
     result.ack_p50_ms, result.ack_p99_ms = percentile(acked, 50), percentile(acked, 99)
-    if sc.kind is Kind.CONNECTIONS:
-        add_connections(result, raw)
-    if sc.kind is Kind.CHURN:
-        result.joins_per_s = sum(t.joins for t in tallies) / sc.duration
-    return result
+
+
+def add_cpu(result: Result, usage: Usage, client_seconds: list[float], wall: float) -> None:
+    if wall > 0:
+        result.client_cpu = sum(client_seconds) / wall
+        result.client_cpu_max = max(client_seconds, default=0.0) / wall
+        result.server_cpu = usage.server / wall
+        result.machine_cpu = usage.machine / wall
 
 
 def add_delivery(result: Result, tallies: list[Tally]) -> None:
@@ -92,6 +108,8 @@ def add_connections(result: Result, raw: Raw) -> None:
     spans = [t.connect_span for t in raw.tallies]
     seconds = (max(end for _, end in spans) - min(start for start, _ in spans)) / 1e9
     result.connects_per_s = result.connected / seconds if seconds else None
+    client_seconds = [t.connect_cpu_seconds for t in raw.tallies]
+    add_cpu(result, raw.sample.connecting, client_seconds, seconds)
     grown = raw.sample.rss_connected_kib - raw.sample.rss_before_kib
     result.kib_per_conn = grown / result.connected if result.connected else None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import traceback
 from collections import defaultdict
@@ -12,6 +11,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import aiohttp
+import orjson
+import uvloop
 
 from bench.churn import churn
 from bench.member import Member
@@ -27,13 +28,7 @@ def process_main(conn: Connection, plan: Plan) -> None:
     """Entry point of a load-generating process."""
     raise_fd_limit()
     try:
-        import uvloop
-    except ImportError:
-        run: Callable[[Any], Any] = asyncio.run
-    else:
-        run = uvloop.run
-    try:
-        run(Worker(conn, plan).run())
+        uvloop.run(Worker(conn, plan).run())
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
@@ -74,9 +69,10 @@ class Worker:
 
     async def connect_all(self, session: aiohttp.ClientSession) -> None:
         gate = asyncio.Semaphore(self.plan.concurrency)
-        start = time.monotonic_ns()
+        start, cpu = time.monotonic_ns(), own_cpu()
         await asyncio.gather(*(self.connect(session, seat, gate) for seat in self.plan.seats))
         self.tally.connect_span = (start, time.monotonic_ns())
+        self.tally.connect_cpu_seconds = own_cpu() - cpu
 
     async def connect(
         self, session: aiohttp.ClientSession, seat: Seat, gate: asyncio.Semaphore
@@ -85,7 +81,7 @@ class Worker:
             try:
                 ws = await session.ws_connect(self.plan.serve_url(seat.room))
                 first = await ws.receive(timeout=JOIN_TIMEOUT)
-                joined = json.loads(first.data)
+                joined = orjson.loads(first.data)
             except (aiohttp.ClientError, ConnectionError, TimeoutError, TypeError, ValueError):
                 self.tally.errors += 1
                 return
