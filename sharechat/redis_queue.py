@@ -65,13 +65,14 @@ async def open_redis_queue(
     )
     client = Redis.from_pool(pool)
     canary_channel = f"{prefix}instance:{instance_id}".encode()
-    publisher = _Publisher(client)
+    publisher = _Publisher(pool)
     subscriber = _Subscriber(pool, canary_channel, _STALL_INTERVALS * canary_interval)
     tasks = [
         asyncio.create_task(publisher.run(), name="redis-queue-publisher"),
         asyncio.create_task(subscriber.run(), name="redis-queue-listener"),
+        asyncio.create_task(subscriber.write(), name="redis-queue-subscription-writer"),
         asyncio.create_task(
-            _publish_canaries(publisher, canary_channel, canary_interval),
+            _publish_canaries(publisher, subscriber, canary_channel, canary_interval),
             name="redis-queue-canary",
         ),
     ]
@@ -121,7 +122,7 @@ class RedisQueue:
         await self._subscriber.subscribe(self._channel(room_id), room_id)
 
     async def unsubscribe(self, room_id: UUID) -> None:
-        await self._subscriber.unsubscribe(self._channel(room_id))
+        self._subscriber.unsubscribe(self._channel(room_id))
 
     def received(self) -> AsyncIterator[tuple[UUID, str]]:
         """Payloads of subscribed rooms, in publish order per room; for one consumer."""
@@ -150,7 +151,13 @@ class _Subscriber:
         # channel's pending subscribe() calls wait in a FIFO for their confirmations.
         self._waiters: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
         self._conn: AbstractConnection | None = None
+        # Commands for the pub/sub connection, each tagged with the connection it was meant
+        # for, so that a command for a lost connection is never sent on its successor.
+        self._outbox: list[tuple[AbstractConnection | None, tuple[bytes, ...]]] = []
+        self._outbox_ready = asyncio.Event()
         self._ready = asyncio.Event()
+        self._deadline: asyncio.Timeout | None = None  # of the session, armed by canary_sent()
+        self._consumer_lagging = False
         self._warned = False
         self.down_reason: str | None = "not connected yet"
         self.inbox: asyncio.Queue[tuple[UUID, str]] = asyncio.Queue(_INBOX_SIZE)
@@ -166,35 +173,48 @@ class _Subscriber:
         except BaseException:
             # Raising means "not subscribed", unless a later subscribe() took the channel over.
             if self._rooms.get(channel) is claim:
-                await self.unsubscribe(channel)
+                self.unsubscribe(channel)
             raise
 
-    async def unsubscribe(self, channel: bytes) -> None:
+    def unsubscribe(self, channel: bytes) -> None:
         self._rooms.pop(channel, None)
-        conn = self._conn
-        # Sending on a broken connection would make redis-py reconnect it behind our back;
-        # a new connection subscribes only the rooms still wanted anyway.
-        if conn is None or not conn.is_connected:
-            return
-        with contextlib.suppress(RedisError, OSError):
-            await conn.send_command("UNSUBSCRIBE", channel, check_health=False)
+        self._send(b"UNSUBSCRIBE", channel)
 
     async def _confirm_subscribe(self, channel: bytes) -> None:
         try:
             async with asyncio.timeout(_TIMEOUT):
-                await self._ready.wait()
-                conn = self._conn
-                if conn is None or not conn.is_connected:
-                    raise BackendUnavailable(f"redis: {self.down_reason or 'connection lost'}")
+                while not self._ready.is_set():
+                    await self._ready.wait()
                 confirmed = asyncio.get_running_loop().create_future()
                 self._waiters[channel].append(confirmed)
-                await conn.send_command("SUBSCRIBE", channel, check_health=False)
+                self._send(b"SUBSCRIBE", channel)
                 await confirmed
         except TimeoutError:
             reason = self.down_reason or "subscribe not confirmed"
             raise BackendUnavailable(f"redis: {reason}") from None
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"redis: {_describe(exc)}") from exc
+
+    def _send(self, *command: bytes) -> None:
+        self._outbox.append((self._conn, command))
+        self._outbox_ready.set()
+
+    async def write(self) -> None:
+        """Send queued commands on the pub/sub connection, in order.
+
+        Callers never write themselves: redis-py drops a connection whose write is
+        cancelled, and this one carries every room of the instance.
+        """
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            conn = self._conn
+            # Commands for a lost connection are moot: its successor subscribes self._rooms.
+            commands = [command for target, command in self._outbox if target is conn]
+            self._outbox.clear()
+            # Sending on a broken connection would make redis-py reconnect it behind our back.
+            if conn is None or not commands or not conn.is_connected:
+                continue
+            with contextlib.suppress(RedisError, OSError):  # the listener sees the loss
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
 
     async def run(self) -> None:
         """Keep one subscribed connection, reconnecting with capped, jittered backoff."""
@@ -221,30 +241,46 @@ class _Subscriber:
             rooms = list(self._rooms)
             self._conn = conn
             # The canary channel goes last: its confirmation means every room is subscribed.
-            await conn.send_command("SUBSCRIBE", *rooms, self._canary_channel, check_health=False)
-            try:
-                async with asyncio.timeout(self._stall_after) as deadline:
-                    await self._listen(conn, deadline, len(rooms))
-            except TimeoutError:
-                if deadline.expired():
-                    raise _Stalled("subscription stalled") from None
-                raise
+            self._send(b"SUBSCRIBE", *rooms, self._canary_channel)
+            while True:
+                await self._listen_until_silent(conn, len(rooms))
+                # Replies waiting past the deadline mean a late event loop, not a stall.
+                if not await conn.can_read():
+                    raise _Stalled("subscription stalled")
         finally:
             await conn.disconnect()
+
+    async def _listen_until_silent(self, conn: AbstractConnection, rooms: int) -> None:
+        """Listen until a reply is overdue (see canary_sent); raise if the connection fails."""
+        # Armed from the start: the subscribe confirmations are the first replies due.
+        try:
+            async with asyncio.timeout(self._stall_after) as deadline:
+                self._deadline = deadline
+                await self._listen(conn, deadline, rooms)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+        finally:
+            self._deadline = None
+
+    def canary_sent(self) -> None:
+        """Redis accepted a canary: some reply is now due within the stall window.
+
+        Counting from a canary that Redis accepted, rather than from the last reply, means
+        an event loop too busy to publish canaries is never mistaken for a stall.
+        """
+        deadline = self._deadline
+        if deadline is not None and deadline.when() is None and not self._consumer_lagging:
+            deadline.reschedule(asyncio.get_running_loop().time() + self._stall_after)
 
     async def _listen(
         self, conn: AbstractConnection, deadline: asyncio.Timeout, rooms: int
     ) -> None:
-        loop = asyncio.get_running_loop()
-        renew_at = 0.0
         while True:
-            reply = await conn.read_response(timeout=math.inf)
-            # Any reply proves that the subscription delivers, and the canary guarantees a
-            # reply every interval: a busy connection is never mistaken for a stalled one.
-            now = loop.time()
-            if now >= renew_at:
-                deadline.reschedule(now + self._stall_after)
-                renew_at = now + self._stall_after / _STALL_INTERVALS
+            # Not disconnect_on_error: a read cut short by the deadline may be resumed.
+            reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+            if deadline.when() is not None:
+                deadline.reschedule(None)  # any reply proves that the subscription delivers
             kind, channel = reply[0], reply[1]
             if kind == b"message":
                 claim = self._rooms.get(channel)
@@ -252,7 +288,7 @@ class _Subscriber:
                     continue  # the canary, or a room unsubscribed a moment ago
                 item = (claim.room_id, reply[2].decode())
                 if self.inbox.full():
-                    await self._wait_for_consumer(item, deadline)
+                    await self._wait_for_consumer(item)
                 else:
                     self.inbox.put_nowait(item)
             elif kind == b"subscribe":
@@ -260,11 +296,13 @@ class _Subscriber:
                 if channel == self._canary_channel:
                     self._back(rooms)
 
-    async def _wait_for_consumer(self, item: tuple[UUID, str], deadline: asyncio.Timeout) -> None:
-        # A slow consumer is not a stalled subscription: hold the deadline meanwhile.
-        deadline.reschedule(None)
-        await self.inbox.put(item)
-        deadline.reschedule(asyncio.get_running_loop().time() + self._stall_after)
+    async def _wait_for_consumer(self, item: tuple[UUID, str]) -> None:
+        # A slow consumer is not a stalled subscription: no deadline is armed meanwhile.
+        self._consumer_lagging = True
+        try:
+            await self.inbox.put(item)
+        finally:
+            self._consumer_lagging = False
 
     def _confirmed(self, channel: bytes) -> None:
         waiters = self._waiters.get(channel)
@@ -306,8 +344,8 @@ _Publish = tuple[bytes, str, asyncio.Future[None]]
 class _Publisher:
     """Sends concurrent publishes as one pipeline: while one is in flight, the next fills up."""
 
-    def __init__(self, client: Redis) -> None:
-        self._client = client
+    def __init__(self, pool: BlockingConnectionPool) -> None:
+        self._pool = pool
         self._pending: list[_Publish] = []
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -340,27 +378,43 @@ class _Publisher:
         if not batch:
             return
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for channel, payload, _ in batch:
-                    pipe.publish(channel, payload)
-                replies = await pipe.execute(raise_on_error=False)
+            await self._pipeline([(b"PUBLISH", channel, payload) for channel, payload, _ in batch])
         except Exception as exc:  # a connection broken mid-pipeline raises more than RedisError
             _fail(batch, _describe(exc))
             return
-        for (_, _, done), reply in zip(batch, replies, strict=True):
-            if done.done():
-                continue
-            if isinstance(reply, Exception):
-                done.set_exception(BackendUnavailable(f"redis: {reply}"))
-            else:
+        for _, _, done in batch:
+            if not done.done():
                 done.set_result(None)
 
+    async def _pipeline(self, commands: list[tuple[bytes, bytes, str]]) -> None:
+        """Send the commands in one write, then read every reply under one deadline.
 
-async def _publish_canaries(publisher: _Publisher, channel: bytes, interval: float) -> None:
+        Leaner than redis-py's Pipeline, which arms a timeout per reply. A reply-less
+        failure (timeout, error reply) leaves the reply stream unusable, so the connection
+        is dropped.
+        """
+        conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(_TIMEOUT):
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                for _ in commands:
+                    await conn.read_response(timeout=math.inf)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await self._pool.release(conn)
+
+
+async def _publish_canaries(
+    publisher: _Publisher, subscriber: _Subscriber, channel: bytes, interval: float
+) -> None:
     while True:
-        # A canary that cannot be published is missed by the listener: that is the alarm.
+        # A canary Redis refuses proves nothing about the subscription: the listener sees
+        # an outage by itself, and ping() reports it.
         with contextlib.suppress(BackendUnavailable):
             await publisher.publish(channel, "canary")
+            subscriber.canary_sent()
         await asyncio.sleep(interval)
 
 

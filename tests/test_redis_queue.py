@@ -164,6 +164,35 @@ async def test_rapid_sequence_ending_with_unsubscribe_ends_unsubscribed(
     assert await receive(queue.received()) == (marker, "marker")
 
 
+async def test_cancelled_subscribe_leaves_the_room_unsubscribed_and_others_intact(
+    queue: RedisQueue, redis_logs: pytest.LogCaptureFixture
+) -> None:
+    kept, cancelled = uuid4(), uuid4()
+    await call(queue.subscribe(kept))
+    for _ in range(20):  # cancelled at various points of its way to Redis and back
+        subscribing = asyncio.create_task(queue.subscribe(cancelled))
+        await asyncio.sleep(0)
+        subscribing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call(subscribing)
+    await call(queue.publish(cancelled, "nobody listens"))
+    await call(queue.publish(kept, "marker"))
+    assert await receive(queue.received()) == (kept, "marker")
+    assert "redis lost" not in redis_logs.text
+
+
+async def test_a_slow_consumer_loses_nothing(open_queue: OpenQueue) -> None:
+    # More than the listener buffers, with a canary deadline shorter than the backlog takes.
+    queue = await open_queue(canary_interval=0.05)
+    room = uuid4()
+    await call(queue.subscribe(room))
+    count = 12_000
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(queue.publish(room, str(n)) for n in range(count)))
+        inbox = queue.received()
+        assert [(await anext(inbox))[1] for _ in range(count)] == [str(n) for n in range(count)]
+
+
 async def test_rooms_not_subscribed_are_not_delivered(open_queue: OpenQueue) -> None:
     mine, theirs = await open_queue(), await open_queue()
     my_room, their_room = uuid4(), uuid4()
