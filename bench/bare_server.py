@@ -65,6 +65,14 @@ async def create_room(request: web.Request) -> web.Response:
     return web.json_response({"roomId": room_id, "roomName": "Bare Room"})
 
 
+async def get_room(request: web.Request) -> web.Response:
+    room = request.app[ROOMS].get(request.match_info["room_id"])
+    if room is None:
+        raise web.HTTPNotFound()
+    members = [{"id": m.id, "name": m.name} for m in room.values()]
+    return web.json_response({"roomId": request.match_info["room_id"], "members": members})
+
+
 async def healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "repository": "ok", "queue": "ok"})
 
@@ -96,6 +104,7 @@ def create_app() -> web.Application:
     app[ROOMS] = {}
     app.router.add_post("/api/room", create_room)
     app.router.add_get("/api/healthz", healthz)
+    app.router.add_get("/api/room/{room_id}", get_room)
     app.router.add_get("/api/serve/{room_id}", serve)
     return app
 

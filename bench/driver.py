@@ -21,6 +21,7 @@ from bench.worker import process_main
 START_DELAY_NS = 200_000_000  # lets every process get the "go" before t0
 SETTLE_S = 1.0  # after the connections are made, before reading the server's memory
 PHASE_TIMEOUT = 120.0
+STALE_TIMEOUT = 10.0  # for the server to record every leave once all connections closed
 
 
 @dataclass
@@ -29,8 +30,9 @@ class Sample:
 
     rss_before_kib: int = 0
     rss_connected_kib: int = 0
-    # From the start of the processes until all are connected:
+    # From the "connect" order until all processes are connected:
     connecting: Usage = field(default_factory=Usage)
+    connecting_seconds: float = 0.0
     # From t0 (warm-up included) until the window ends:
     sending: Usage = field(default_factory=Usage)
     sending_seconds: float = 0.0
@@ -42,16 +44,20 @@ class Raw:
     processes: int
     tallies: list[Tally]
     sample: Sample
+    stale: int  # members still listed STALE_TIMEOUT after every connection closed
 
 
 def run_scenario(sc: Scenario, base_url: str, server_pid: int, processes: int) -> Raw:
     room_ids = asyncio.run(create_rooms(base_url, sc.rooms))
     plans = make_plans(sc, base_url, room_ids, processes)
     sample = Sample(rss_before_kib=rss_kib(server_pid))
-    meter = Meter(server_pid)
     with workers(plans) as conns:
+        gather(conns, "spawned")
+        meter, started = Meter(server_pid), time.monotonic()
+        broadcast(conns, "connect", None)
         gather(conns, "ready")
         sample.connecting = meter.read()
+        sample.connecting_seconds = time.monotonic() - started
         time.sleep(SETTLE_S)
         sample.rss_connected_kib = rss_kib(server_pid)
         t0 = time.monotonic_ns() + START_DELAY_NS
@@ -62,7 +68,8 @@ def run_scenario(sc: Scenario, base_url: str, server_pid: int, processes: int) -
             sent.update(part)
         broadcast(conns, "expect", {idx: n - failed for idx, (n, failed) in sent.items()})
         tallies: list[Tally] = gather(conns, "result")
-    return Raw(sc, len(plans), tallies, sample)
+    stale = asyncio.run(stale_members(base_url, room_ids))
+    return Raw(sc, len(plans), tallies, sample, stale)
 
 
 async def create_rooms(base_url: str, count: int) -> tuple[str, ...]:
@@ -74,6 +81,22 @@ async def create_rooms(base_url: str, count: int) -> tuple[str, ...]:
                 return room_id
 
         return tuple(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def stale_members(base_url: str, room_ids: tuple[str, ...]) -> int:
+    """Members still listed once every connection closed, after STALE_TIMEOUT at most."""
+    deadline = time.monotonic() + STALE_TIMEOUT
+    async with aiohttp.ClientSession() as session:
+
+        async def listed(room_id: str) -> int:
+            async with session.get(f"{base_url}/api/room/{room_id}") as resp:
+                return len((await resp.json())["members"]) if resp.status == 200 else 0
+
+        while True:
+            stale = sum(await asyncio.gather(*(listed(r) for r in room_ids)))
+            if not stale or time.monotonic() > deadline:
+                return stale
+            await asyncio.sleep(0.25)
 
 
 def make_plans(

@@ -41,6 +41,7 @@ CHECKS: list[Column] = [
     ("dup", lambda r: str(r.duplicated)),
     ("reord", lambda r: str(r.reordered)),
     ("x-room", lambda r: str(r.cross_room)),
+    ("stale", lambda r: str(r.stale)),
     ("errors", lambda r: "crashed" if r.crashed else str(r.errors)),
     ("CPU gen/srv/all/bg", cpu),
 ]

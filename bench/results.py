@@ -29,6 +29,7 @@ class Result:
     reordered: int = 0
     cross_room: int = 0
     errors: int = 0
+    stale: int = 0  # members still listed 10 s after every connection closed
     connected: int = 0
     connects_per_s: float | None = None
     kib_per_conn: float | None = None
@@ -53,6 +54,7 @@ def summarize(raw: Raw, backend: str) -> Result:
         connected=sum(t.connected for t in tallies),
         errors=sum(t.errors for t in tallies),
         cross_room=sum(t.cross_room for t in tallies),
+        stale=raw.stale,
     )
     add_delivery(result, tallies)
     add_latency(result, raw)
@@ -109,7 +111,7 @@ def add_connections(result: Result, raw: Raw) -> None:
     seconds = (max(end for _, end in spans) - min(start for start, _ in spans)) / 1e9
     result.connects_per_s = result.connected / seconds if seconds else None
     client_seconds = [t.connect_cpu_seconds for t in raw.tallies]
-    add_cpu(result, raw.sample.connecting, client_seconds, seconds)
+    add_cpu(result, raw.sample.connecting, client_seconds, raw.sample.connecting_seconds)
     grown = raw.sample.rss_connected_kib - raw.sample.rss_before_kib
     result.kib_per_conn = grown / result.connected if result.connected else None
 

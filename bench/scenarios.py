@@ -50,8 +50,8 @@ def select(
         chosen = [_quick(s) for s in chosen]
     if duration is not None:
         chosen = [replace(s, duration=duration) for s in chosen]
-    if warmup is not None:
-        chosen = [replace(s, warmup=warmup) for s in chosen]
+    if warmup is not None:  # connections has none: its probe is sent at once
+        chosen = [s if s.kind is Kind.CONNECTIONS else replace(s, warmup=warmup) for s in chosen]
     return chosen
 
 

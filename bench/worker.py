@@ -49,22 +49,25 @@ class Worker:
     async def run(self) -> None:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
+            self.conn.send(("spawned", None))
+            await self.recv("connect")
             await self.connect_all(session)
             self.conn.send(("ready", self.tally.connected))
-            t0: int = await self.recv()
+            t0: int = await self.recv("go")
             start = t0 + self.plan.warmup_ns
             window = Window(start, start + self.plan.duration_ns)
             await self.drive(session, t0, window)
             await until(lambda: all(m.outstanding <= 0 for m in self.members), DRAIN_TIMEOUT)
             self.conn.send(("sent", {m.seat.idx: (m.sent, m.failed) for m in self.members}))
-            expected: dict[int, int] = await self.recv()
+            expected: dict[int, int] = await self.recv("expect")
             await until(lambda: self.received_all(expected), DRAIN_TIMEOUT)
             await self.close_all()
         self.conn.send(("result", self.tally))
 
-    async def recv(self) -> Any:
-        tag, payload = await asyncio.to_thread(self.conn.recv)
-        assert tag in ("go", "expect"), tag
+    async def recv(self, tag: str) -> Any:
+        got, payload = await asyncio.to_thread(self.conn.recv)
+        if got != tag:
+            raise RuntimeError(f"expected {tag!r} from the coordinator, got {got!r}")
         return payload
 
     async def connect_all(self, session: aiohttp.ClientSession) -> None:
