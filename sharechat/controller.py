@@ -144,6 +144,7 @@ class Controller:
         self._all_left.set()
         self._unrecorded_leaves: list[tuple[UUID, Member]] = []
         self._background: set[asyncio.Task[Any]] = set()  # leaves and close handshakes
+        self._stopping = asyncio.Event()
 
     # -- rooms and history ---------------------------------------------------
 
@@ -334,14 +335,17 @@ class Controller:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Dispatch and housekeeping run while inside; on the way out members leave."""
-        tasks = [
-            asyncio.create_task(self._dispatch(), name="dispatch"),
-            asyncio.create_task(self._housekeeping(), name="housekeeping"),
-        ]
+        dispatch = asyncio.create_task(self._dispatch(), name="dispatch")
+        housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         try:
             yield
         finally:
-            tasks.extend(self._background)
+            # Housekeeping finishes its chore rather than being cut mid-transaction.
+            self._stopping.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.backend_timeout):
+                    await asyncio.wait([housekeeping])
+            tasks = [dispatch, housekeeping, *self._background]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -366,10 +370,13 @@ class Controller:
     async def _housekeeping(self) -> None:
         config = self._config
         interval = max(0.05, min(config.instance_lease / 3, config.room_idle_ttl / 4, 5.0))
-        while True:
+        while not self._stopping.is_set():
             for chore in (self._renew_lease, self._record_leaves, self._reap, self._expire_rooms):
                 await self._attempt(chore())
-            await asyncio.sleep(interval)
+                _raise_if_cancelled()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._stopping.wait()
 
     async def _attempt(self, chore: Awaitable[None]) -> None:
         try:
@@ -411,6 +418,18 @@ class Controller:
 
 
 HEALTH_CHECK_SECONDS = 2.0
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a driver swallowed.
+
+    On Python 3.11, asyncio.wait_for (which aiopg awaits every statement with)
+    returns the result when the statement completes in the same loop iteration
+    as a cancel, dropping the CancelledError; a loop would then never stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _check(probe: Awaitable[None]) -> str:
