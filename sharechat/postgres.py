@@ -447,8 +447,9 @@ def _own_copy(error: Exception) -> Exception:
 class PostgresRepository:
     """The Repository port on PostgreSQL; see the module docstring for the locking."""
 
-    def __init__(self, pool: aiopg.Pool, *, max_batch: int = 500) -> None:
+    def __init__(self, pool: aiopg.Pool, *, timeout: float, max_batch: int = 500) -> None:
         self._pool = pool
+        self._timeout = timeout
         self._chat = _GroupCommit(self._store_batch, max_batch)
         self._available = True
 
@@ -594,7 +595,7 @@ class PostgresRepository:
     @contextlib.asynccontextmanager
     async def _cursor(self) -> AsyncIterator[aiopg.Cursor]:
         try:
-            async with self._pool.acquire() as connection:
+            async with asyncio.timeout(self._timeout), self._pool.acquire() as connection:
                 try:
                     async with connection.cursor() as cursor:
                         yield cursor
@@ -667,21 +668,26 @@ async def open_postgres_repository(
 ) -> AsyncIterator[PostgresRepository]:
     """A repository on a pool of `dsn` (postgresql:// or postgres://); does not migrate.
 
-    `timeout` bounds each connect, each wait for a free connection and each
-    statement: past it the call raises BackendUnavailable.
+    `timeout` bounds each call, from the wait for a connection to the commit:
+    past it the call raises BackendUnavailable.
     """
     try:
-        pool = await aiopg.create_pool(
-            dsn,
-            minsize=pool_min,
-            maxsize=pool_max,
-            timeout=timeout,
-            enable_json=False,
-            enable_hstore=False,
-        )
+        async with asyncio.timeout(timeout):
+            pool = await aiopg.create_pool(
+                dsn,
+                minsize=pool_min,
+                maxsize=pool_max,
+                # No aiopg timeout: it awaits statements with asyncio.wait_for, which
+                # on Python 3.11 drops a cancel that lands as the statement completes
+                # (the caller's task then never stops). asyncio.timeout, above and in
+                # PostgresRepository._cursor, bounds every call instead.
+                timeout=None,  # type: ignore[arg-type]
+                enable_json=False,
+                enable_hstore=False,
+            )
     except _DRIVER_ERRORS as error:
         raise BackendUnavailable(f"PostgreSQL: {_reason(error)}") from error
-    repository = PostgresRepository(pool)
+    repository = PostgresRepository(pool, timeout=timeout)
     try:
         yield repository
     finally:
