@@ -184,7 +184,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         try:
             values[setting.field] = setting.parse(raw)
         except ValueError as error:
-            raise ConfigError(f"invalid {source} {raw!r}: {_reason(error)}") from None
+            raise ConfigError(f"invalid {source} {_redact(raw)!r}: {_reason(error)}") from None
     config = Config(**values)
     if config.redis_url and not config.database_url:
         raise ConfigError(
@@ -199,6 +199,16 @@ def from_argv(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return load(parser.parse_args(list(argv)), environ)
+
+
+def _redact(text: str) -> str:
+    """Start-up errors end up in platform logs: never echo a URL's password."""
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def _reason(error: ValueError) -> str:

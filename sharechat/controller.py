@@ -335,6 +335,8 @@ class Controller:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Dispatch and housekeeping run while inside; on the way out members leave."""
+        # The lease first: a member of an instance without one counts as dead.
+        await self._renew_lease()
         dispatch = asyncio.create_task(self._dispatch(), name="dispatch")
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         try:
