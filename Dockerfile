@@ -1,0 +1,21 @@
+# The sharechat server: `docker build -t sharechat .`, or `docker compose up` with compose.yaml.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY . .
+# `pip install .` also puts sql/ where the installed server looks for it (share/sharechat/sql).
+RUN pip install . \
+    && useradd --system --no-create-home --shell /usr/sbin/nologin sharechat \
+    && rm -rf /src
+
+WORKDIR /tmp
+USER sharechat
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/api/healthz' % os.environ.get('PORT', '8080'), timeout=2)"]
+CMD ["sharechat", "serve"]
