@@ -30,8 +30,11 @@ from sharechat.domain import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
-# Seconds for a connect, a socket read or write, a ping and a subscribe confirmation: an
-# outage must turn into BackendUnavailable quickly, not hang a member's join or message.
+# Seconds for a connect, a pipeline, a ping and a subscribe confirmation: an outage must
+# turn into BackendUnavailable quickly, not hang a member's join or message. These are
+# our own asyncio.timeout()s, not redis-py's socket_timeout: that one wraps each write in
+# asyncio.wait_for(), which on Python 3.11 can swallow a task's cancellation, and a
+# background task that survives its cancellation hangs the shutdown.
 _TIMEOUT = 1.5
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
@@ -58,11 +61,11 @@ async def open_redis_queue(
         url,
         max_connections=_POOL_SIZE,
         timeout=_TIMEOUT,
-        socket_timeout=_TIMEOUT,
         socket_connect_timeout=_TIMEOUT,
         socket_keepalive=True,
         protocol=2,
     )
+    pool.connection_kwargs["socket_timeout"] = None  # even if the URL sets one: see _TIMEOUT
     client = Redis.from_pool(pool)
     canary_channel = f"{prefix}instance:{instance_id}".encode()
     publisher = _Publisher(pool)
@@ -78,7 +81,8 @@ async def open_redis_queue(
     ]
     try:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(subscriber.ready(), _TIMEOUT)
+            async with asyncio.timeout(_TIMEOUT):
+                await subscriber.ready()
         yield RedisQueue(client, publisher, subscriber, prefix)
     finally:
         for task in tasks:
@@ -213,8 +217,10 @@ class _Subscriber:
             # Sending on a broken connection would make redis-py reconnect it behind our back.
             if conn is None or not commands or not conn.is_connected:
                 continue
-            with contextlib.suppress(RedisError, OSError):  # the listener sees the loss
-                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            # A failed or timed out write drops the connection, and the listener sees the loss.
+            with contextlib.suppress(RedisError, OSError):
+                async with asyncio.timeout(_TIMEOUT):
+                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
 
     async def run(self) -> None:
         """Keep one subscribed connection, reconnecting with capped, jittered backoff."""
@@ -237,7 +243,8 @@ class _Subscriber:
         # whatever the URL says, because _listen() reads pub/sub replies as plain arrays.
         conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "protocol": 2})
         try:
-            await conn.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            async with asyncio.timeout(_TIMEOUT):
+                await conn.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
             rooms = list(self._rooms)
             self._conn = conn
             # The canary channel goes last: its confirmation means every room is subscribed.
@@ -387,23 +394,22 @@ class _Publisher:
                 done.set_result(None)
 
     async def _pipeline(self, commands: list[tuple[bytes, bytes, str]]) -> None:
-        """Send the commands in one write, then read every reply under one deadline.
+        """Send the commands in one write, then read every reply, all under one deadline.
 
-        Leaner than redis-py's Pipeline, which arms a timeout per reply. A reply-less
-        failure (timeout, error reply) leaves the reply stream unusable, so the connection
-        is dropped.
+        Leaner than redis-py's Pipeline, whose per-command bookkeeping showed in profiles.
+        A failure half-way leaves replies unread on the connection, so it is dropped.
         """
-        conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            async with asyncio.timeout(_TIMEOUT):
+        async with asyncio.timeout(_TIMEOUT):
+            conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 for _ in commands:
                     await conn.read_response(timeout=math.inf)
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await self._pool.release(conn)
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+            finally:
+                await self._pool.release(conn)
 
 
 async def _publish_canaries(

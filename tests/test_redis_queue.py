@@ -219,6 +219,34 @@ async def test_closing_stops_every_task() -> None:
     assert "closed" in await unavailable(queue.publish(uuid4(), "too late"))
 
 
+async def test_closing_under_load_stops_every_task() -> None:
+    # A cancellation landing just as redis-py completes a write must still stop the tasks.
+    for _ in range(5):
+        async with asyncio.timeout(10):
+            await close_under_load()
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("redis-queue")]
+
+
+async def close_under_load() -> None:
+    published = 0
+    prefix = unique_prefix()
+    async with open_redis_queue(REDIS_URL, prefix=prefix, instance_id=uuid4()) as queue:
+
+        async def publish_until_closed() -> None:
+            nonlocal published
+            with contextlib.suppress(BackendUnavailable):
+                while True:
+                    await queue.publish(uuid4(), "load")
+                    published += 1
+
+        async def under_load() -> None:
+            assert published > 1000
+
+        publishers = [asyncio.create_task(publish_until_closed()) for _ in range(50)]
+        await eventually(under_load)
+    await asyncio.gather(*publishers)  # each ends at its first publish after the close
+
+
 async def test_outage_is_reported_and_survived(
     open_queue: OpenQueue, server: RedisServer, redis_logs: pytest.LogCaptureFixture
 ) -> None:
