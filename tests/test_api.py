@@ -246,6 +246,7 @@ async def test_unknown_api_path_is_json_404(client: TestClient[Any, Any], path: 
         ("DELETE", "/api/room/{room}", "GET"),
         ("POST", "/api/room/{room}/messages", "GET"),
         ("PATCH", "/api/room/{room}/messages", "GET"),
+        ("POST", "/api/serve/{room}", "GET"),
     ],
 )
 async def test_wrong_method_is_json_405_with_allow(
@@ -256,6 +257,13 @@ async def test_wrong_method_is_json_405_with_allow(
     allow = {verb.strip() for verb in response.headers.get("Allow", "").split(",")}
     assert allowed in allow, response.headers
     assert method not in allow
+
+
+async def test_plain_get_of_the_websocket_is_a_json_400(chat: Chat) -> None:
+    room = await chat.room()
+    await assert_error(chat.client, "GET", f"/api/serve/{room}", 400)
+    assert await chat.members(room) == []
+    assert await chat.history(room) == []
 
 
 # -- history -----------------------------------------------------------------------------
