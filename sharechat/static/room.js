@@ -106,7 +106,7 @@ $('load-retry').addEventListener('click', () => {
 function formatTime(sent) {
   const d = new Date(sent);
   if (Number.isNaN(d.getTime())) return '';
-  return d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  return d.toLocaleTimeString([], { hour: 'numeric', minute: '2-digit' });
 }
 
 function timeElement(sent) {
@@ -346,7 +346,10 @@ async function copyLink() {
     }
   }
   el.copyStatus.textContent = ok ? 'Link copied' : 'Select the link and copy it';
-  if (!ok) el.shareLink.select();
+  if (!ok) {
+    el.shareLink.parentElement.classList.add('manual');
+    el.shareLink.select();
+  }
 }
 
 $('copy-link').addEventListener('click', copyLink);
@@ -601,7 +604,9 @@ async function open() {
   updateTitle();
   el.roomName.textContent = room.roomName;
   el.shareLink.value = location.origin + location.pathname;
-  el.membersBox.open = window.matchMedia('(min-width: 48rem)').matches;
+  const wide = window.matchMedia('(min-width: 48rem)').matches;
+  el.membersBox.open = wide;
+  if (wide) el.input.placeholder = 'Message — Enter sends, Shift+Enter for a new line';
   state.members = new Map(room.members.map((m) => [m.id, m.name]));
   renderMembers();
   show(el.room);
