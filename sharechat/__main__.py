@@ -16,8 +16,10 @@ log = logging.getLogger("sharechat")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or (arguments[0].startswith("-") and arguments[0] not in ("-h", "--help")):
+        arguments.insert(0, "serve")  # bare `sharechat` serves
+    args = _parser().parse_args(arguments)
     try:
         config = settings.load(args, os.environ)
     except settings.ConfigError as error:
@@ -72,7 +74,8 @@ async def _run_until_signalled(config: settings.Config) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, config.host, config.port).start()
-        log.info("serving on http://%s:%d", config.host, config.port)
+        for address in runner.addresses:
+            log.info("serving on http://%s:%d", *address[:2])
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -70,7 +70,9 @@ def _log_level(text: str) -> str:
 
 
 def _origins(text: str) -> tuple[str, ...]:
-    return tuple(origin.strip().rstrip("/") for origin in text.split(",") if origin.strip())
+    """Origins compare case-insensitively, without a trailing slash; `*` means any."""
+    origins = tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
+    return () if "*" in origins else origins
 
 
 def _url(*schemes: str) -> Callable[[str], str | None]:
@@ -103,7 +105,7 @@ _SETTINGS = (
     _Setting("port", "--port", "PORT", _port, "port to listen on"),
     _Setting(
         "allowed_origins", "--allowed-origin", "SHARECHAT_ALLOWED_ORIGINS", _origins,
-        "origin allowed to open a websocket (repeatable; default: any)",
+        "origin allowed to open a websocket (repeatable; default or *: any)",
     ),
     _Setting(
         "room_idle_ttl", "--room-idle-ttl", "SHARECHAT_ROOM_IDLE_TTL", _positive_seconds,

@@ -178,7 +178,7 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
 def _check_origin(request: web.Request, allowed: tuple[str, ...]) -> None:
     origin = request.headers.get("Origin")
     # Browsers always send Origin on websockets; websocat and curl do not.
-    if origin is not None and allowed and origin.rstrip("/") not in allowed:
+    if origin is not None and allowed and origin.rstrip("/").lower() not in allowed:
         raise web.HTTPForbidden(reason=f"origin {origin} is not allowed")
 
 

@@ -472,6 +472,15 @@ async def test_allowed_origin_can_join(start_server: StartServer) -> None:
     await ws.close()
 
 
+async def test_origins_compare_without_case_or_trailing_slash(start_server: StartServer) -> None:
+    chat = Chat(await start_server(allowed_origins=("http://good.example",)))
+    room = await chat.room()
+    async with asyncio.timeout(WAIT):
+        ws, joined = await chat.join(room, headers={"Origin": "HTTP://Good.Example/"})
+    assert joined["roomId"] == room
+    await ws.close()
+
+
 async def test_other_origin_is_403_before_upgrade(start_server: StartServer) -> None:
     client = await start_server(allowed_origins=("http://good.example",))
     chat = Chat(client)

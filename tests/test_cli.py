@@ -200,6 +200,19 @@ async def test_sigterm_closes_members_with_1001_and_exits_0(
         assert "Traceback" not in server.output()
 
 
+async def test_bare_sharechat_serves(backend_config: Config, tmp_path: Path) -> None:
+    """`sharechat` with no subcommand is `sharechat serve`: the laptop case of the contract."""
+    port = free_port()
+    environ = clean_environ(PORT=str(port), HOST="127.0.0.1", **backend_environ(backend_config))
+    command = [str(VENV_BIN / "sharechat")]
+    async with running(command, port, environ, tmp_path) as server, aiohttp.ClientSession() as http:
+        room = await create_room(http, server)
+        ws, joined = await join(http, server, room)
+        assert joined["roomId"] == room
+        await ws.close()
+        assert f"serving on http://127.0.0.1:{port}" in server.output()
+
+
 async def test_procfile_runs_on_the_platforms_port(backend_config: Config, tmp_path: Path) -> None:
     procfile = (ROOT / "Procfile").read_text()
     processes = dict(line.split(":", 1) for line in procfile.splitlines() if line.strip())

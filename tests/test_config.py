@@ -287,3 +287,13 @@ def test_cli_serve_help_lists_every_flag_and_variable() -> None:
     for case in CASES:
         assert case.flag in result.stdout
         assert case.env in result.stdout
+
+
+def test_star_origin_means_any_origin() -> None:
+    assert from_argv([], {"SHARECHAT_ALLOWED_ORIGINS": "*"}).allowed_origins == ()
+    assert from_argv(["--allowed-origin", "*"], {}).allowed_origins == ()
+
+
+def test_origins_are_normalised() -> None:
+    config = from_argv(["--allowed-origin", "HTTPS://Chat.Example/"], {})
+    assert config.allowed_origins == ("https://chat.example",)
