@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 _TIMEOUT = 1.5
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
-_STALL_INTERVALS = 3  # canary intervals without a canary before the subscription is rebuilt
+_STALL_INTERVALS = 3  # canary intervals without any reply, once Redis took a canary
 _INBOX_SIZE = 10_000
 _MAX_BATCH = 1_000  # publishes per pipeline; the rest go in the next one
 _POOL_SIZE = 8
@@ -57,15 +57,7 @@ async def open_redis_queue(
     Waits up to a couple of seconds for the first subscription; if Redis is not there
     yet, the queue is yielded anyway: ping() reports it and the listener keeps trying.
     """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=_POOL_SIZE,
-        timeout=_TIMEOUT,
-        socket_connect_timeout=_TIMEOUT,
-        socket_keepalive=True,
-        protocol=2,
-    )
-    pool.connection_kwargs["socket_timeout"] = None  # even if the URL sets one: see _TIMEOUT
+    pool = _connection_pool(url)
     client = Redis.from_pool(pool)
     canary_channel = f"{prefix}instance:{instance_id}".encode()
     publisher = _Publisher(pool)
@@ -89,6 +81,19 @@ async def open_redis_queue(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.aclose()
+
+
+def _connection_pool(url: str) -> BlockingConnectionPool:
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=_POOL_SIZE,
+        timeout=_TIMEOUT,
+        socket_connect_timeout=_TIMEOUT,
+        socket_keepalive=True,
+        protocol=2,
+    )
+    pool.connection_kwargs["socket_timeout"] = None  # even if the URL sets one: see _TIMEOUT
+    return pool
 
 
 class RedisQueue:
@@ -293,7 +298,8 @@ class _Subscriber:
                 claim = self._rooms.get(channel)
                 if claim is None:
                     continue  # the canary, or a room unsubscribed a moment ago
-                item = (claim.room_id, reply[2].decode())
+                # "replace": one foreign, non-UTF-8 payload must not drop every room's feed.
+                item = (claim.room_id, reply[2].decode(errors="replace"))
                 if self.inbox.full():
                     await self._wait_for_consumer(item)
                 else:
@@ -453,5 +459,7 @@ def _describe(exc: BaseException) -> str:
     origin = exc.__context__
     if isinstance(exc, RedisError) and isinstance(origin, OSError) and origin.errno:
         return os.strerror(origin.errno).lower()
+    if isinstance(exc, TimeoutError):
+        return "timed out"
     text = str(exc).rstrip(".") or type(exc).__name__
     return text[:1].lower() + text[1:]

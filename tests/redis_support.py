@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -54,21 +55,52 @@ async def eventually(check: Callable[[], Awaitable[object]], within: float = 10.
 
 
 class RedisServer:
-    """A throwaway redis-server: kill() it to fake an outage, start() it again on the same port."""
+    """A throwaway redis-server: kill() it to fake an outage, start() it again on the same port.
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    With `tls`, it only speaks TLS, with a self-signed certificate that `url` trusts.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        password: str | None = None,
+        tls: bool = False,
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.password = password
+        self.tls = tls
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self._certificate}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def _certificate(self) -> Path:
+        return self.directory / "cert.pem"
+
+    @property
+    def _key(self) -> Path:
+        return self.directory / "key.pem"
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and return once it answers PING."""
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = ["redis-server", "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        command += ["--save", "", "--appendonly", "no"]
+        if self.password:
+            command += ["--requirepass", self.password]
+        if self.tls:
+            self._make_certificate()
+            command += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            command += ["--tls-cert-file", str(self._certificate), "--tls-key-file", str(self._key)]
+        else:
+            command += ["--port", str(self.port)]
         self._process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -96,17 +128,33 @@ class RedisServer:
 
     def _answers_ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+            with contextlib.ExitStack() as stack:
+                conn = stack.enter_context(socket.create_connection(("127.0.0.1", self.port), 1))
+                if self.tls:
+                    context = ssl.create_default_context(cafile=self._certificate)
+                    tls = context.wrap_socket(conn, server_hostname="127.0.0.1")
+                    conn = stack.enter_context(tls)
+                # Without the password the server still answers, with -NOAUTH: it is up.
                 conn.sendall(b"PING\r\n")
-                return conn.recv(64).startswith(b"+PONG")
+                return conn.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
+    def _make_certificate(self) -> None:
+        if self._certificate.exists():
+            return  # a restart keeps the certificate clients already trust
+        command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        command += ["-keyout", str(self._key), "-out", str(self._certificate)]
+        command += ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"]
+        subprocess.run(command, check=True, capture_output=True)
+
 
 @contextlib.contextmanager
-def redis_server(directory: Path) -> Iterator[RedisServer]:
+def redis_server(
+    directory: Path, password: str | None = None, tls: bool = False
+) -> Iterator[RedisServer]:
     """A started throwaway server, killed on exit (its data dir is `directory`)."""
-    server = RedisServer(directory)
+    server = RedisServer(directory, password=password, tls=tls)
     server.start()
     try:
         yield server

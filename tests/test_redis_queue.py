@@ -247,6 +247,29 @@ async def close_under_load() -> None:
     await asyncio.gather(*publishers)  # each ends at its first publish after the close
 
 
+async def test_url_with_password_and_database(open_queue: OpenQueue, tmp_path: Path) -> None:
+    with redis_server(tmp_path / "secured", password="s3cret") as secured:
+        queue = await open_queue(secured.url.replace("/0", "/3"))
+        await call(queue.ping())
+        room = uuid4()
+        await call(queue.subscribe(room))
+        await call(queue.publish(room, "authenticated"))
+        assert await receive(queue.received()) == (room, "authenticated")
+
+        intruder = await open_queue(secured.url.replace("s3cret", "wrong"))
+        assert "redis: " in await unavailable(intruder.ping())
+
+
+async def test_rediss_url(open_queue: OpenQueue, tmp_path: Path) -> None:
+    with redis_server(tmp_path, tls=True) as secured:
+        queue = await open_queue(secured.url)
+        await call(queue.ping())
+        room = uuid4()
+        await call(queue.subscribe(room))
+        await call(queue.publish(room, "encrypted"))
+        assert await receive(queue.received()) == (room, "encrypted")
+
+
 async def test_outage_is_reported_and_survived(
     open_queue: OpenQueue, server: RedisServer, redis_logs: pytest.LogCaptureFixture
 ) -> None:
