@@ -119,6 +119,15 @@ class RedisServer:
         self._process.wait(timeout=10)
         self._process = None
 
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers, as with a hung server."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def _wait_until_ready(self, deadline: float) -> None:
         while not self._answers_ping():
             assert self._process is not None

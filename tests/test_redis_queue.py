@@ -297,6 +297,28 @@ async def test_outage_is_reported_and_survived(
     assert "redis back: resubscribed 1 rooms" in redis_logs.text
 
 
+async def test_hung_server_is_reported_within_seconds(
+    open_queue: OpenQueue, server: RedisServer
+) -> None:
+    queue = await open_queue(server.url)
+    inbox = queue.received()
+    room = uuid4()
+    await call(queue.subscribe(room))
+
+    server.freeze()
+    try:
+        assert await unavailable(queue.ping()) == "redis: ping timed out"
+        assert await unavailable(queue.publish(room, "during")) == "redis: timed out"
+    finally:
+        server.thaw()
+    await eventually(lambda: call(queue.ping()))
+    await call(queue.publish(room, "after"))
+    # A timeout cannot tell whether Redis got the command: the thawed server may still
+    # run the PUBLISH it had buffered.
+    while (message := await receive(inbox)) != (room, "after"):
+        assert message == (room, "during")
+
+
 async def test_pubsub_connection_killed_by_redis_is_rebuilt(
     open_queue: OpenQueue, server: RedisServer, redis_logs: pytest.LogCaptureFixture
 ) -> None:
