@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Playwright, Route, expect, sync_playwright
 
 from tests.browser_support import (
     CHROMIUM,
@@ -270,14 +270,27 @@ def test_dropped_connection_recovers_without_duplicates(
         say(bob, text)
     expect(chat_texts(bob)).to_have_text(["before the drop", *gap])  # stored and echoed
 
+    # The first catch-up request fails: the page must not go live with a gap,
+    # but drop that connection and catch up on the next one.
+    failures = [503]
+
+    def flaky(route: Route) -> None:
+        if failures:
+            route.fulfill(status=failures.pop(), json={"error": "service unavailable"})
+        else:
+            route.continue_()
+
+    alice.route("**/messages?after=*", flaky)
     switch.restore()
     reconnect_now(alice)
     expect(alice.locator("#connection")).to_be_hidden()
+    assert failures == []
     expect(alice.locator("#send")).to_be_enabled()
     expect(alice.locator("#my-name")).not_to_have_text(first)  # a new member, per the contract
     expect(chat_texts(alice)).to_have_text(["before the drop", *gap])
     expect(alice.locator("#messages")).to_contain_text(f"{first} left")
-    assert any("/messages?after=" in u for u in requests), requests  # the gap came from the API
+    # The gap came from the API: the failed catch-up, then the good one.
+    assert sum("/messages?after=" in u for u in requests) >= 2, requests
 
     say(bob, "after the return")
     say(alice, "back again")

@@ -480,6 +480,7 @@ function connectOnce() {
     state.socket = ws;
     let joined = false;
     let buffer = null; // live frames held while catching up
+    let broken = false; // catch-up failed: this socket's frames must not be shown
     let sync = Promise.resolve();
 
     ws.addEventListener('message', (ev) => {
@@ -489,9 +490,14 @@ function connectOnce() {
       } catch {
         return;
       }
-      if (!isMessage(msg)) return;
+      if (!isMessage(msg) || broken) return;
       if (!joined) {
         // The first frame is our own `joined`: who we are on this connection.
+        if (msg.type !== 'joined') {
+          broken = true;
+          ws.close(4000, 'expected joined first');
+          return;
+        }
         joined = true;
         state.memberId = msg.memberId;
         state.memberName = msg.memberName;
@@ -507,9 +513,11 @@ function connectOnce() {
             }
           },
           (err) => {
+            // A gap we could not fill: drop this connection and its frames (the
+            // next catch-up, from the same cursor, brings them), start over.
+            broken = true;
             buffer = null;
             if (err instanceof HttpError && err.status === 404) showMissing();
-            // A gap we could not fill: start over with a new connection.
             else ws.close(4000, 'catch-up failed');
           },
         );
