@@ -91,7 +91,11 @@ class Queue(Protocol):
     async def ping(self) -> None: ...
 
     async def publish(self, room_id: UUID, payload: str) -> None:
-        """Raises BackendUnavailable; then nobody received the payload."""
+        """Raises BackendUnavailable; the caller treats the payload as not delivered.
+
+        After a timeout the backend may still deliver it: the rare exception to
+        "history never holds a message the room did not see" is the reverse one.
+        """
         ...
 
     async def subscribe(self, room_id: UUID) -> None:

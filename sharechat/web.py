@@ -69,6 +69,9 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")
+    if not request.path.startswith("/api/"):
+        # Revalidate (ETag) every time, so an upgrade never runs with yesterday's JS.
+        response.headers.setdefault("Cache-Control", "no-cache")
 
 
 # -- the API -----------------------------------------------------------------------
