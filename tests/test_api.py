@@ -460,6 +460,14 @@ async def test_room_page_is_html_with_a_csp(chat: Chat) -> None:
         assert "default-src" in csp, response.headers
 
 
+async def test_client_files_are_revalidated(client: TestClient[Any, Any]) -> None:
+    """An upgrade must never run with a cached copy of the previous JavaScript."""
+    for path in ("/", "/static/room.js", "/static/app.css"):
+        response, _ = await request(client, "GET", path, headers={"Accept": BROWSER_ACCEPT})
+        assert response.status == 200
+        assert response.headers.get("Cache-Control") == "no-cache", path
+
+
 # -- origins -------------------------------------------------------------------------------
 
 
