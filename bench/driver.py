@@ -68,7 +68,8 @@ def run_scenario(sc: Scenario, base_url: str, server_pid: int, processes: int) -
             sent.update(part)
         broadcast(conns, "expect", {idx: n - failed for idx, (n, failed) in sent.items()})
         tallies: list[Tally] = gather(conns, "result")
-    stale = asyncio.run(stale_members(base_url, room_ids))
+    seated = [sum(1 for p in plans for seat in p.seats if seat.room == r) for r in range(sc.rooms)]
+    stale = asyncio.run(stale_members(base_url, room_ids, seated))
     return Raw(sc, len(plans), tallies, sample, stale)
 
 
@@ -83,19 +84,26 @@ async def create_rooms(base_url: str, count: int) -> tuple[str, ...]:
         return tuple(await asyncio.gather(*(one() for _ in range(count))))
 
 
-async def stale_members(base_url: str, room_ids: tuple[str, ...]) -> int:
-    """Members still listed once every connection closed, after STALE_TIMEOUT at most."""
+async def stale_members(base_url: str, room_ids: tuple[str, ...], seated: list[int]) -> int:
+    """Members still listed once every connection closed, after STALE_TIMEOUT at most.
+
+    A room the server cannot answer for (503) keeps its last count, at first all its seats.
+    """
     deadline = time.monotonic() + STALE_TIMEOUT
+    counts = dict(zip(room_ids, seated, strict=True))
     async with aiohttp.ClientSession() as session:
 
-        async def listed(room_id: str) -> int:
+        async def listed(room_id: str) -> None:
             async with session.get(f"{base_url}/api/room/{room_id}") as resp:
-                return len((await resp.json())["members"]) if resp.status == 200 else 0
+                if resp.status == 200:
+                    counts[room_id] = len((await resp.json())["members"])
+                elif resp.status == 404:
+                    counts[room_id] = 0
 
         while True:
-            stale = sum(await asyncio.gather(*(listed(r) for r in room_ids)))
-            if not stale or time.monotonic() > deadline:
-                return stale
+            await asyncio.gather(*(listed(r) for r in room_ids))
+            if not any(counts.values()) or time.monotonic() > deadline:
+                return sum(counts.values())
             await asyncio.sleep(0.25)
 
 

@@ -106,6 +106,14 @@ def save_json(path: Path, meta: dict[str, Any], results: list[Result]) -> None:
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
+def load_json(path: Path) -> tuple[dict[str, Any], list[Result]]:
+    """A saved record: its metadata and its results."""
+    record = json.loads(path.read_text())
+    fields = Result.__dataclass_fields__
+    results = [Result(**{k: v for k, v in r.items() if k in fields}) for r in record.pop("results")]
+    return record, results
+
+
 def plot(path: Path, results: list[Result], title: str) -> None:
     """Headline rate and latency percentiles per scenario, one bar per backend."""
     import matplotlib

@@ -18,7 +18,7 @@ from typing import Any
 from bench.backends import BACKENDS, ROOT, Backend, running
 from bench.driver import run_scenario
 from bench.procfs import raise_fd_limit, wait_quiet
-from bench.report import markdown, plot, save_json
+from bench.report import load_json, markdown, plot, save_json
 from bench.results import Result, summarize
 from bench.scenarios import NAMES, Scenario, select
 
@@ -46,6 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"seconds to wait, before each scenario, for under {QUIET_CORES} cores busy",
     )
     parser.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: table and plot from saved records (a later one wins per row)",
+    )
+    parser.add_argument(
         "--plot",
         type=Path,
         help=f"PNG path (default {PLOT}; with --quick, next to the JSON record)",
@@ -66,6 +73,9 @@ def names(allowed: list[str]) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.report:
+        report(args.report, args.plot or PLOT)
+        return
     raise_fd_limit()
     scenarios = select(args.scenarios, args.quick, args.duration, args.warmup)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -87,6 +97,20 @@ def main(argv: list[str] | None = None) -> None:
     plot_path = args.plot or (RESULTS / f"{stamp}.png" if args.quick else PLOT)
     plot(plot_path, results, f"sharechat {commit} — {stamp}{' (quick)' if args.quick else ''}")
     print(f"\nsaved {RESULTS / f'{stamp}.json'} and {plot_path}", file=sys.stderr)
+
+
+def report(paths: list[Path], plot_path: Path) -> None:
+    """Merge saved records: one row per scenario and backend, the latest file winning."""
+    rows: dict[tuple[str, str], Result] = {}
+    commits = []
+    for path in paths:
+        meta, results = load_json(path)
+        commits.append(f"{meta['commit']} ({meta['timestamp']})")
+        rows.update({(r.scenario, r.backend): r for r in results})
+    title = f"sharechat {', '.join(dict.fromkeys(commits))}"
+    print(f"## {title}, {os.cpu_count()} cores\n\n{markdown(list(rows.values()))}")
+    plot(plot_path, list(rows.values()), title)
+    print(f"\nsaved {plot_path}", file=sys.stderr)
 
 
 def bench(backend: Backend, sc: Scenario, args: argparse.Namespace, log_path: Path) -> Result:
