@@ -67,11 +67,12 @@ class Session:
         self._peer = peer
         self._outbox: deque[str] = deque()
         self._max_outbox = config.send_queue
-        self._wakeup = asyncio.Event()
         self._joined_payload: str | None = None
         self.joined = asyncio.Event()  # set once its own `joined` is in the outbox
         self._closing: asyncio.Task[bool] | None = None
-        self._writer = asyncio.create_task(self._write_loop())
+        # Started when there is something to write, gone when the outbox is empty:
+        # thousands of idle members cost no task at all.
+        self._writer: asyncio.Task[None] | None = None
 
     def expect_joined(self, payload: str) -> None:
         self._joined_payload = payload
@@ -93,35 +94,37 @@ class Session:
             self.close(CLOSE_POLICY_VIOLATION, "too slow: outgoing buffer full")
             return
         self._outbox.append(payload)
-        self._wakeup.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_out())
 
     def close(self, code: int, reason: str) -> None:
         """Stop writing and close the connection; the reader then leaves the room."""
         if self._closing is not None:
             return
         self._outbox.clear()
-        self._writer.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
         # No drain: a peer too slow to read must not hold up its own disconnection.
         closing = self._peer.close(code=code, message=reason.encode(), drain=False)
         self._closing = asyncio.create_task(closing)
 
     async def stop(self) -> asyncio.Task[bool] | None:
         """Stop the writer; returns the close handshake still under way, if any."""
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
         return self._closing
 
-    async def _write_loop(self) -> None:
+    async def _write_out(self) -> None:
         try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                while self._outbox:
-                    await self._peer.send_str(self._outbox.popleft())
+            while self._outbox:
+                await self._peer.send_str(self._outbox.popleft())
         except (ConnectionError, RuntimeError) as error:
             # The connection is going away; the reader notices and leaves.
             log.debug("writer of %s stopped: %s", self.member.id, error)
+        finally:
+            self._writer = None
 
 
 class LiveRoom:
