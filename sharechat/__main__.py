@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sharechat import config as settings
 
@@ -46,8 +46,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(config: settings.Config) -> int:
-    asyncio.run(_run_until_signalled(config))
+    with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
+        runner.run(_run_until_signalled(config))
     return 0
+
+
+def _fastest_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it exists (it is a dependency off Windows), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _run_until_signalled(config: settings.Config) -> None:
