@@ -42,6 +42,7 @@ class Result:
     background_cpu: float = 0.0  # cores busy on the machine just before the server started
     processes: int = 0
     crashed: bool = False
+    commit: str = ""  # of the server code, when it was started
     error: str = ""
 
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         for b in args.backends
         for sc in scenarios
     ]
-    commit = server_commit()
+    commit = ", ".join(dict.fromkeys(r.commit for r in results))
     print(f"\n## sharechat {commit}, {os.cpu_count()} cores\n\n{markdown(results)}")
     meta = {
         "timestamp": stamp,
@@ -102,10 +102,10 @@ def main(argv: list[str] | None = None) -> None:
 def report(paths: list[Path], plot_path: Path) -> None:
     """Merge saved records: one row per scenario and backend, the latest file winning."""
     rows: dict[tuple[str, str], Result] = {}
-    commits = []
+    commits: list[str] = []
     for path in paths:
         meta, results = load_json(path)
-        commits.append(f"{meta['commit']} ({meta['timestamp']})")
+        commits.extend(r.commit or meta["commit"] for r in results)
         rows.update({(r.scenario, r.backend): r for r in results})
     title = f"sharechat {', '.join(dict.fromkeys(commits))}"
     print(f"## {title}, {os.cpu_count()} cores\n\n{markdown(list(rows.values()))}")
@@ -120,6 +120,7 @@ def bench(backend: Backend, sc: Scenario, args: argparse.Namespace, log_path: Pa
     if background >= QUIET_CORES:
         print(f"(machine busy: {background:.2f} cores)", end=" ", file=sys.stderr, flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    commit = server_commit()
     with log_path.open("wb") as log:
         try:
             with running(backend, log) as server:
@@ -131,6 +132,7 @@ def bench(backend: Backend, sc: Scenario, args: argparse.Namespace, log_path: Pa
             log.write(traceback.format_exc().encode())
             result = Result(sc.name, backend.name, error=f"{type(exc).__name__}: {exc}")
     result.background_cpu = background
+    result.commit = commit
     print("crashed" if result.crashed else result.error or "done", file=sys.stderr)
     return result
 
