@@ -5,6 +5,11 @@ message first locks its room row (FOR NO KEY UPDATE, several rooms in id order),
 so membership changes of a room never race each other, and a room's `seq`
 numbers are handed out in commit order (a reader paging with `after` can never
 see a gap that a slower transaction fills in later).
+
+Writing, in one more: joins, leaves and chat messages all queue for one writer
+task (group commit), which applies whatever has queued up in one transaction,
+so a burst of them costs a few commits (fsyncs) instead of one each, and a
+room's messages get their `seq` in the order the calls were made.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 import aiopg
@@ -169,6 +176,51 @@ def _insert_messages() -> sa.Insert:
     return sa.insert(messages).from_select(columns, rows).returning(messages.c.id, messages.c.sent)
 
 
+def _insert_members() -> sa.Insert:
+    """Add many members in one statement, in the order given; their rooms are locked already."""
+    new = (
+        sa.func.unnest(
+            _uuids("member_ids"), _uuids("room_ids"), _texts("names"), _uuids("instance_ids")
+        )
+        .table_valued("id", "room_id", "name", "instance_id", with_ordinality="ord")
+        .render_derived()
+        .alias("new")
+    )
+    rows = sa.select(
+        new.c.id, new.c.room_id, new.c.name, new.c.instance_id, sa.func.clock_timestamp()
+    ).order_by(new.c.ord)
+    columns = ["id", "room_id", "name", "instance_id", "joined"]
+    return sa.insert(members).from_select(columns, rows)
+
+
+def _delete_members() -> ReturningDelete[tuple[UUID]]:
+    """Delete many members, each only from the room given with it; returns those deleted."""
+    gone = (
+        sa.func.unnest(_uuids("member_ids"), _uuids("room_ids"))
+        .table_valued("id", "room_id")
+        .render_derived()
+        .alias("gone")
+    )
+    return (
+        sa.delete(members)
+        .where(members.c.id == gone.c.id, members.c.room_id == gone.c.room_id)
+        .returning(members.c.id)
+    )
+
+
+def _settle_rooms() -> sa.Update:
+    """Make `emptied_at` agree with the members: NULL while the room has some, else
+    the moment it became empty. Touches only the rooms where the two disagree, so
+    that a room that was empty keeps its moment, and one that just emptied gets now.
+    """
+    occupied = sa.exists().where(members.c.room_id == rooms.c.id)
+    return (
+        sa.update(rooms)
+        .where(rooms.c.id == sa.any_(_uuids("room_ids")), rooms.c.emptied_at.is_(None) != occupied)
+        .values(emptied_at=sa.case((occupied, sa.null()), else_=sa.func.clock_timestamp()))
+    )
+
+
 def _delete_idle_rooms() -> ReturningDelete[tuple[UUID]]:
     idle = rooms.alias("idle")
     # SKIP LOCKED: a room locked right now is in use; the next sweep looks again.
@@ -251,39 +303,16 @@ def _page(order: sa.UnaryExpression[Any]) -> _Statement:
 _PAGE_BACKWARD = _page(messages.c.seq.desc())
 _PAGE_FORWARD = _page(messages.c.seq.asc())
 
-_OCCUPY_ROOM = _Statement.compile(
-    sa.update(rooms)
-    .where(rooms.c.id == sa.bindparam("room_id"))
-    .values(emptied_at=sa.null())
-    .returning(rooms.c.id)
-)
 _LOCK_ROOMS = _Statement.compile(_locked_rooms(rooms.c.id == sa.any_(_uuids("room_ids"))))
-_ADD_MEMBER = _Statement.compile(
-    sa.insert(members).values(
-        id=sa.bindparam("member_id"),
-        room_id=sa.bindparam("room_id"),
-        name=sa.bindparam("name"),
-        instance_id=sa.bindparam("instance_id"),
-        joined=sa.func.clock_timestamp(),
-    )
-)
-_REMOVE_MEMBER = _Statement.compile(
-    sa.delete(members)
-    .where(members.c.id == sa.bindparam("member_id"), members.c.room_id == sa.bindparam("room_id"))
-    .returning(members.c.id)
-)
-_MARK_EMPTIED = _Statement.compile(
-    sa.update(rooms)
-    .where(
-        rooms.c.id == sa.any_(_uuids("room_ids")),
-        rooms.c.emptied_at.is_(None),
-        ~sa.exists().where(members.c.room_id == rooms.c.id),
-    )
-    .values(emptied_at=sa.func.clock_timestamp())
-)
+_INSERT_MEMBERS = _Statement.compile(_insert_members())
+_DELETE_MEMBERS = _Statement.compile(_delete_members())
+_SETTLE_ROOMS = _Statement.compile(_settle_rooms())
 _INSERT_MESSAGES = _Statement.compile(_insert_messages())
 _DELETE_MESSAGE = _Statement.compile(
     sa.delete(messages).where(messages.c.id == sa.bindparam("message_id"))
+)
+_DELETE_MESSAGES = _Statement.compile(
+    sa.delete(messages).where(messages.c.id == sa.any_(_uuids("message_ids")))
 )
 
 _RENEW_LEASE = _Statement.compile(_renew_lease())
@@ -345,6 +374,8 @@ def _left(room_id: UUID, member: Member) -> _Draft:
 
 async def _store(cursor: aiopg.Cursor, drafts: Sequence[_Draft]) -> list[Message]:
     """Store the drafts in one statement; those whose room is gone are left out."""
+    if not drafts:
+        return []
     await _INSERT_MESSAGES.run(
         cursor,
         ids=[draft.id for draft in drafts],
@@ -356,6 +387,95 @@ async def _store(cursor: aiopg.Cursor, drafts: Sequence[_Draft]) -> list[Message
     )
     sent: dict[UUID, datetime] = dict(await cursor.fetchall())
     return [draft.stored(sent[draft.id]) for draft in drafts if draft.id in sent]
+
+
+class _Kind(enum.Enum):
+    CHAT = enum.auto()
+    JOIN = enum.auto()
+    LEAVE = enum.auto()
+    # A join whose caller was cancelled once its batch had started: the member
+    # may be stored, yet nobody will announce it nor ever remove it. ERASE takes
+    # it and its `joined` back out, as if it had never joined.
+    ERASE = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One change queued for the writer. `draft` is the message it stores; for
+    ERASE, the `joined` message it deletes."""
+
+    kind: _Kind
+    draft: _Draft
+    instance_id: UUID | None = None  # of a joining member
+
+    @property
+    def room_id(self) -> UUID:
+        return self.draft.room_id
+
+    @property
+    def member_id(self) -> UUID:
+        return self.draft.member.id
+
+
+async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write]) -> dict[UUID, Message]:
+    """Apply a batch of writes inside a transaction; return the stored messages by id.
+
+    A write to a room that is gone stores nothing, nor does the leave of a member
+    that is gone already. A batch changes each member once at most (see
+    _GroupCommit._next_batch), so the order of the steps below cannot matter to
+    any member; the messages are stored in the order of the writes. With every
+    room of the batch locked first, the last step sees all other changes of
+    those rooms committed: the last one out of a room always marks it empty.
+    """
+    live = await _lock_rooms(cursor, {write.room_id for write in writes})
+    writes = [write for write in writes if write.room_id in live]
+    joins = [write for write in writes if write.kind is _Kind.JOIN]
+    exits = [write for write in writes if write.kind in (_Kind.LEAVE, _Kind.ERASE)]
+    await _add_members(cursor, joins)
+    removed = await _remove_members(cursor, exits)
+    stored = await _store(cursor, [w.draft for w in writes if _stores_message(w, removed)])
+    erased = [w.draft.id for w in exits if w.kind is _Kind.ERASE and w.member_id in removed]
+    if erased:
+        await _DELETE_MESSAGES.run(cursor, message_ids=erased)
+    changed = {w.room_id for w in joins} | {w.room_id for w in exits if w.member_id in removed}
+    if changed:
+        await _SETTLE_ROOMS.run(cursor, room_ids=list(changed))
+    return {message.id: message for message in stored}
+
+
+async def _lock_rooms(cursor: aiopg.Cursor, room_ids: set[UUID]) -> set[UUID]:
+    """Lock the rooms, all in one statement (so in id order); return those that exist."""
+    await _LOCK_ROOMS.run(cursor, room_ids=list(room_ids))
+    return {room_id for (room_id,) in await cursor.fetchall()}
+
+
+async def _add_members(cursor: aiopg.Cursor, joins: Sequence[_Write]) -> None:
+    if joins:
+        await _INSERT_MEMBERS.run(
+            cursor,
+            member_ids=[join.member_id for join in joins],
+            room_ids=[join.room_id for join in joins],
+            names=[join.draft.member.name for join in joins],
+            instance_ids=[join.instance_id for join in joins],
+        )
+
+
+async def _remove_members(cursor: aiopg.Cursor, exits: Sequence[_Write]) -> set[UUID]:
+    """Delete the members; return the ids of those that were still there."""
+    if not exits:
+        return set()
+    await _DELETE_MEMBERS.run(
+        cursor,
+        member_ids=[write.member_id for write in exits],
+        room_ids=[write.room_id for write in exits],
+    )
+    return {member_id for (member_id,) in await cursor.fetchall()}
+
+
+def _stores_message(write: _Write, removed: set[UUID]) -> bool:
+    if write.kind is _Kind.LEAVE:
+        return write.member_id in removed  # one gone already has had its `left`
+    return write.kind is not _Kind.ERASE
 
 
 def _check_storable(text: str) -> None:
@@ -373,50 +493,71 @@ def _reason(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-class _GroupCommit:
-    """Stores concurrent chat messages together: one INSERT, one commit per batch.
+_Pending = tuple[_Write, asyncio.Future[Message | None]]
 
-    While a batch is in flight, new messages queue up and go together in the
-    next one; at low load a message goes alone, at once (there is no timer).
-    A task of its own does the writing, so a caller that is cancelled never
-    cancels the statement carrying the messages of others. The queue holds one
-    entry per waiting caller, so the callers themselves bound it.
+
+class _GroupCommit:
+    """Applies concurrent writes together: one transaction, one commit per batch.
+
+    While a batch is in flight, new writes queue up and go together in the next
+    one; at low load a write goes alone, at once (there is no timer). A task of
+    its own does the writing, so a caller that is cancelled never cancels the
+    transaction carrying the writes of others. The queue holds one entry per
+    waiting caller, so the callers themselves bound it.
     """
 
     def __init__(
-        self, write: Callable[[list[_Draft]], Awaitable[list[Message]]], max_batch: int
+        self, apply: Callable[[list[_Write]], Awaitable[dict[UUID, Message]]], max_batch: int
     ) -> None:
-        self._write = write
+        self._apply = apply
         self._max_batch = max_batch
-        self._queue: collections.deque[tuple[_Draft, asyncio.Future[Message]]] = collections.deque()
+        self._queue: collections.deque[_Pending] = collections.deque()
         self._writer: asyncio.Task[None] | None = None
 
-    async def store(self, draft: _Draft) -> Message:
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._queue.append((draft, future))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_all())
-        return await future
+    async def submit(self, write: _Write) -> Message | None:
+        """The message the write stored; None for a leave of a member gone already,
+        or of a room gone. Raises RoomNotFound, BackendUnavailable."""
+        return await self._enqueue(write)
 
     async def drain(self) -> None:
-        """Wait until every queued message is stored or has failed."""
+        """Wait until every queued write is applied or has failed."""
         if self._writer is not None:
             await asyncio.shield(self._writer)
+
+    def _enqueue(self, write: _Write) -> asyncio.Future[Message | None]:
+        future: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
+        self._queue.append((write, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all())
+        return future
 
     async def _write_all(self) -> None:
         try:
             while self._queue:
-                count = min(len(self._queue), self._max_batch)
-                batch = [self._queue.popleft() for _ in range(count)]
-                await self._write_batch([item for item in batch if not item[1].cancelled()])
+                await self._write_batch(self._next_batch())
         finally:
             self._writer = None
 
-    async def _write_batch(self, batch: list[tuple[_Draft, asyncio.Future[Message]]]) -> None:
+    def _next_batch(self) -> list[_Pending]:
+        """The oldest writes, in call order, up to `max_batch` or to a second join or
+        leave of one member, which waits for the next batch: a batch that both added
+        and removed a member would have to know which came first."""
+        batch: list[_Pending] = []
+        changing: set[UUID] = set()
+        while self._queue and len(batch) < self._max_batch:
+            write, _ = self._queue[0]
+            if write.kind is not _Kind.CHAT:
+                if write.member_id in changing:
+                    break
+                changing.add(write.member_id)
+            batch.append(self._queue.popleft())
+        return [(write, future) for write, future in batch if not future.cancelled()]
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
         if not batch:
             return
         try:
-            stored = {message.id: message for message in await self._write([d for d, _ in batch])}
+            stored = await self._apply([write for write, _ in batch])
         except asyncio.CancelledError:
             for _, future in batch:
                 future.cancel()
@@ -426,13 +567,29 @@ class _GroupCommit:
                 if not future.done():
                     future.set_exception(_own_copy(error))
             return
-        for draft, future in batch:
-            if future.done():  # the caller was cancelled while its message was in flight
-                continue
-            if draft.id in stored:
-                future.set_result(stored[draft.id])
-            else:
-                future.set_exception(RoomNotFound(str(draft.room_id)))
+        for write, future in batch:
+            self._settle(write, future, stored.get(write.draft.id))
+
+    def _settle(
+        self, write: _Write, future: asyncio.Future[Message | None], message: Message | None
+    ) -> None:
+        if future.cancelled():  # the caller gave up while its write was in flight
+            if write.kind is _Kind.JOIN and message is not None:
+                self._erase(write)
+        elif message is not None or write.kind in (_Kind.LEAVE, _Kind.ERASE):
+            future.set_result(message)
+        else:
+            future.set_exception(RoomNotFound(str(write.room_id)))
+
+    def _erase(self, join: _Write) -> None:
+        erasing = self._enqueue(_Write(_Kind.ERASE, join.draft))
+        erasing.add_done_callback(functools.partial(_report_erase, join.member_id))
+
+
+def _report_erase(member_id: UUID, erasing: asyncio.Future[Message | None]) -> None:
+    error = None if erasing.cancelled() else erasing.exception()
+    if error is not None:
+        log.error("member %s of a cancelled join stays listed: %s", member_id, error)
 
 
 def _own_copy(error: Exception) -> Exception:
@@ -450,12 +607,12 @@ class PostgresRepository:
     def __init__(self, pool: aiopg.Pool, *, timeout: float, max_batch: int = 500) -> None:
         self._pool = pool
         self._timeout = timeout
-        self._chat = _GroupCommit(self._store_batch, max_batch)
+        self._writes = _GroupCommit(self._commit, max_batch)
         self._available = True
 
     async def drain(self) -> None:
-        """Finish storing the chat messages already handed to add_message."""
-        await self._chat.drain()
+        """Finish the writes already handed to add_member, remove_member and add_message."""
+        await self._writes.drain()
 
     async def ping(self) -> None:
         async with self._cursor() as cursor:
@@ -500,42 +657,30 @@ class PostgresRepository:
         return [_message(room_id, row) for row in rows]
 
     async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
-        async with self._transaction() as cursor:
-            await _OCCUPY_ROOM.run(cursor, room_id=room_id)  # also locks the room
-            if await cursor.fetchone() is None:
-                raise RoomNotFound(str(room_id))
-            await _ADD_MEMBER.run(
-                cursor,
-                member_id=member.id,
-                room_id=room_id,
-                name=member.name,
-                instance_id=instance_id,
-            )
-            (joined,) = await _store(cursor, [_joined(room_id, member)])
-        return joined
+        """Store the member and its `joined` together, grouped with concurrent writes.
+
+        Raises ValueError for a name PostgreSQL cannot store, RoomNotFound, or
+        BackendUnavailable.
+        """
+        _check_storable(member.name)
+        join = _Write(_Kind.JOIN, _joined(room_id, member), instance_id)
+        return cast(Message, await self._writes.submit(join))  # stored, or it raised
 
     async def remove_member(self, room_id: UUID, member: Member) -> Message | None:
         """None when the member was gone already: whoever removed it told the room."""
-        async with self._transaction() as cursor:
-            # With the room locked, the emptiness check below sees every other
-            # leave of this room committed: the last one out always marks it.
-            await _LOCK_ROOMS.run(cursor, room_ids=[room_id])
-            await _REMOVE_MEMBER.run(cursor, member_id=member.id, room_id=room_id)
-            if await cursor.fetchone() is None:
-                return None
-            (left,) = await _store(cursor, [_left(room_id, member)])
-            await _MARK_EMPTIED.run(cursor, room_ids=[room_id])
-        return left
+        _check_storable(member.name)
+        return await self._writes.submit(_Write(_Kind.LEAVE, _left(room_id, member)))
 
     async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        """Store a chat message, grouped with those of concurrent callers.
+        """Store a chat message, grouped with concurrent writes.
 
         Raises ValueError for text PostgreSQL cannot store, RoomNotFound, or
         BackendUnavailable.
         """
         _check_storable(text)
         _check_storable(member.name)
-        return await self._chat.store(_Draft(uuid4(), room_id, member, MessageType.CHAT, text))
+        chat = _Write(_Kind.CHAT, _Draft(uuid4(), room_id, member, MessageType.CHAT, text))
+        return cast(Message, await self._writes.submit(chat))  # stored, or it raised
 
     async def delete_message(self, message_id: UUID) -> None:
         async with self._cursor() as cursor:
@@ -568,7 +713,7 @@ class PostgresRepository:
                 cursor,
                 [_left(room_id, Member(member_id, name)) for member_id, room_id, name in dead],
             )
-            await _MARK_EMPTIED.run(cursor, room_ids=room_ids)
+            await _SETTLE_ROOMS.run(cursor, room_ids=room_ids)
             await _DELETE_INSTANCES.run(cursor, expired=expired)
         if expired or left:
             log.info("reaped %s dead instances and %s of their members", len(expired), len(left))
@@ -582,10 +727,15 @@ class PostgresRepository:
             log.info("deleted %s idle rooms", len(deleted))
         return deleted
 
-    async def _store_batch(self, drafts: list[_Draft]) -> list[Message]:
-        # One statement outside a transaction block: PostgreSQL commits it on its own.
-        async with self._cursor() as cursor:
-            return await _store(cursor, drafts)
+    async def _commit(self, writes: list[_Write]) -> dict[UUID, Message]:
+        if all(write.kind is _Kind.CHAT for write in writes):
+            # One statement outside a transaction block, which PostgreSQL commits
+            # on its own: no round trips for BEGIN and COMMIT.
+            async with self._cursor() as cursor:
+                stored = await _store(cursor, [write.draft for write in writes])
+            return {message.id: message for message in stored}
+        async with self._transaction() as cursor:
+            return await _apply(cursor, writes)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiopg.Cursor]:

@@ -70,7 +70,8 @@ async def repository(dsn: str) -> AsyncIterator[PostgresRepository]:
 
 async def query(dsn: str, statement: sa.ClauseElement) -> list[Any]:
     """Rows of an ad-hoc Core statement, on a connection of its own."""
-    compiled = statement.compile(dialect=DIALECT)
+    # render_postcompile: an IN list's parameters are known only now.
+    compiled = statement.compile(dialect=DIALECT, compile_kwargs={"render_postcompile": True})
     async with (
         asyncio.timeout(WAIT),
         aiopg.connect(dsn, enable_hstore=False) as connection,
@@ -278,6 +279,233 @@ async def test_the_last_of_many_concurrent_leavers_marks_the_room_empty(
             left = await asyncio.gather(*(repository.remove_member(room.id, m) for m in crowd))
             assert all(message is not None for message in left)
             assert await emptied_at(dsn, room.id) is not None
+
+
+# --- group commit of joins and leaves --------------------------------------------------
+
+
+async def transactions(dsn: str, message_ids: list[UUID]) -> int:
+    """How many transactions stored these messages (each row's xmin names its own)."""
+    xmin = sa.func.count(sa.distinct(sa.cast(sa.literal_column("xmin"), sa.Text)))
+    where = messages.c.id.in_(message_ids)
+    [(count,)] = await query(dsn, sa.select(xmin).select_from(messages).where(where))
+    return int(count)
+
+
+@contextlib.asynccontextmanager
+async def room_locked_elsewhere(dsn: str, room_id: UUID) -> AsyncIterator[None]:
+    """The room's row locked by a transaction of another connection, until the block ends."""
+    lock = sa.select(rooms.c.id).where(rooms.c.id == room_id).with_for_update()
+    compiled = lock.compile(dialect=DIALECT)
+    async with (
+        aiopg.connect(dsn, enable_hstore=False) as blocker,
+        blocker.cursor() as cursor,
+        cursor.begin(),
+    ):
+        await cursor.execute(str(compiled), compiled.params)
+        yield
+
+
+@contextlib.asynccontextmanager
+async def writer_held_up(repository: PostgresRepository, dsn: str) -> AsyncIterator[None]:
+    """Inside, the writer is stuck on a batch of its own (a join to a room locked
+    elsewhere): calls started meanwhile queue up, and go in one batch on the way out."""
+    spare = await new_room(repository)
+    async with room_locked_elsewhere(dsn, spare.id):
+        stuck = asyncio.create_task(repository.add_member(spare.id, new_member(), uuid4()))
+        await backend_waiting_for_a_lock(dsn)
+        yield
+        await asyncio.sleep(0)  # the calls started inside take their first step: they queue
+    await stuck
+
+
+async def test_group_commit_applies_concurrent_joins_and_leaves_in_few_transactions(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room_list = [await new_room(repository) for _ in range(4)]
+        crowd = [(room_list[i % 4], new_member(f"Member {i}")) for i in range(100)]
+        stayers = {member.id for _, member in crowd[3::4][:10]}  # ten stay in the last room
+        strangers = [(room_list[i % 4], new_member()) for i in range(10)]  # never joined
+
+        async def visit(room: Room, member: Member) -> tuple[Message, Message | None]:
+            joined = await repository.add_member(room.id, member, uuid4())
+            if member.id in stayers:
+                return joined, None
+            return joined, await repository.remove_member(room.id, member)
+
+        # 200 calls: 100 joins, 90 leaves, 10 leaves of members who never joined.
+        visits, nobodies = await asyncio.gather(
+            asyncio.gather(*(visit(room, member) for room, member in crowd)),
+            asyncio.gather(*(repository.remove_member(r.id, m) for r, m in strangers)),
+        )
+
+        assert nobodies == [None] * 10
+        stored: list[Message] = []
+        for (room, member), (joined, left) in zip(crowd, visits, strict=True):
+            assert (joined.room_id, joined.member_id, joined.type, joined.message) == (
+                room.id,
+                member.id,
+                MessageType.JOINED,
+                f"{member.name} joined",
+            )
+            stored.append(joined)
+            if member.id in stayers:
+                assert left is None
+                continue
+            assert left is not None
+            assert (left.room_id, left.member_id, left.type, left.message) == (
+                room.id,
+                member.id,
+                MessageType.LEFT,
+                f"{member.name} left",
+            )
+            stored.append(left)
+        assert await transactions(dsn, [message.id for message in stored]) < 50
+
+        in_rooms = await query(dsn, sa.select(members.c.id, members.c.room_id))
+        assert sorted(in_rooms) == sorted((member_id, room_list[3].id) for member_id in stayers)
+        for room in room_list:
+            saved = await repository.list_messages(room.id, Page())
+            assert sorted(saved, key=by_id) == sorted(
+                (m for m in stored if m.room_id == room.id), key=by_id
+            )
+            assert [m.sent for m in saved] == sorted(m.sent for m in saved)
+            order = {(m.member_id, m.type): index for index, m in enumerate(saved)}
+            for member_id, kind in order:
+                if kind is MessageType.LEFT:
+                    assert order[member_id, MessageType.JOINED] < order[member_id, kind]
+            if room is room_list[3]:
+                assert await emptied_at(dsn, room.id) is None
+            else:  # set by the last one out, after its `left`
+                assert await emptied_at(dsn, room.id) >= saved[-1].sent
+
+
+def by_id(message: Message) -> UUID:
+    return message.id
+
+
+async def test_one_batch_keeps_the_call_order_and_the_rooms_emptiness(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        filled, staying, emptied = [await new_room(repository) for _ in range(3)]
+        old_fox, old_owl = new_member("Old Fox"), new_member("Old Owl")
+        await repository.add_member(staying.id, old_fox, uuid4())
+        await repository.add_member(emptied.id, old_owl, uuid4())
+        ant, bee = new_member("Red Ant"), new_member("Busy Bee")
+        async with writer_held_up(repository, dsn):
+            calls = asyncio.gather(
+                repository.add_member(filled.id, ant, uuid4()),
+                repository.add_message(filled.id, ant, "hi"),
+                repository.remove_member(staying.id, old_fox),
+                repository.add_member(staying.id, bee, uuid4()),
+                repository.remove_member(emptied.id, old_owl),
+                repository.add_message(staying.id, bee, "hello"),
+            )
+        results = await calls
+
+        assert all(message is not None for message in results)
+        stored = [message.id for message in results if message is not None]
+        assert await transactions(dsn, stored) == 1
+        in_seq_order = sa.select(messages.c.id).where(messages.c.id.in_(stored))
+        assert [i for (i,) in await query(dsn, in_seq_order.order_by(messages.c.seq))] == stored
+        assert await history(repository, filled.id) == ["Red Ant joined", "hi"]
+        assert await history(repository, staying.id) == [
+            "Old Fox joined",
+            "Old Fox left",
+            "Busy Bee joined",
+            "hello",
+        ]
+        assert await repository.list_members(staying.id) == [bee]
+        assert await repository.list_members(emptied.id) == []
+        assert await emptied_at(dsn, filled.id) is None
+        assert await emptied_at(dsn, staying.id) is None
+        assert await emptied_at(dsn, emptied.id) >= results[4].sent  # type: ignore[union-attr]
+
+
+async def test_a_member_joining_and_leaving_at_once_joins_then_leaves(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        member = new_member()
+        async with writer_held_up(repository, dsn):
+            calls = asyncio.gather(
+                repository.add_member(room.id, member, uuid4()),
+                repository.remove_member(room.id, member),
+            )
+        joined, left = await calls
+
+        assert left is not None
+        assert await history(repository, room.id) == ["Teal Otter joined", "Teal Otter left"]
+        assert await repository.list_members(room.id) == []
+        assert await emptied_at(dsn, room.id) >= left.sent
+        # A batch changes a member once at most: the leave waited for the next one.
+        assert await transactions(dsn, [joined.id, left.id]) == 2
+
+
+async def test_a_batch_with_a_deleted_room_fails_only_that_rooms_callers(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        live, doomed = await new_room(repository), await new_room(repository)
+        resident, newcomer, ghost = new_member("Red Fox"), new_member(), new_member("Grey Owl")
+        stranger = new_member("Lost Lamb")  # never joined: its leave has nothing to remove
+        await repository.add_member(live.id, resident, uuid4())
+        async with writer_held_up(repository, dsn):
+            calls = asyncio.gather(
+                repository.add_member(doomed.id, ghost, uuid4()),
+                repository.add_member(live.id, newcomer, uuid4()),
+                repository.add_message(doomed.id, ghost, "anyone?"),
+                repository.add_message(live.id, resident, "welcome"),
+                repository.remove_member(doomed.id, stranger),
+                repository.remove_member(live.id, resident),
+                return_exceptions=True,
+            )
+            await asyncio.sleep(0)  # queued behind the held-up batch, then the room goes
+            assert doomed.id in await repository.delete_idle_rooms(0)
+        results = await calls
+
+        assert isinstance(results[0], RoomNotFound)
+        assert isinstance(results[2], RoomNotFound)
+        assert results[4] is None
+        kept = [results[1], results[3], results[5]]
+        assert [m.message for m in kept] == [  # type: ignore[union-attr]
+            "Teal Otter joined",
+            "welcome",
+            "Red Fox left",
+        ]
+        assert await transactions(dsn, [m.id for m in kept]) == 1  # type: ignore[union-attr]
+        assert await history(repository, live.id) == [
+            "Red Fox joined",
+            "Teal Otter joined",
+            "welcome",
+            "Red Fox left",
+        ]
+        assert await repository.list_members(live.id) == [newcomer]
+        assert await query(dsn, sa.select(members.c.id).where(members.c.id == ghost.id)) == []
+
+
+async def test_a_join_cancelled_in_flight_is_taken_back_out(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        async with room_locked_elsewhere(dsn, room.id):
+            joining = asyncio.create_task(repository.add_member(room.id, new_member(), uuid4()))
+            await backend_waiting_for_a_lock(dsn)  # its batch is under way
+            joining.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await joining
+        await repository.drain()
+
+        # Nobody was told of that member, and nobody would ever remove it.
+        assert await repository.list_members(room.id) == []
+        assert await repository.list_messages(room.id, Page()) == []
+        assert await emptied_at(dsn, room.id) is not None
+        joined = await repository.add_member(room.id, new_member("Red Fox"), uuid4())
+        assert await repository.list_messages(room.id, Page()) == [joined]
 
 
 # --- history paging --------------------------------------------------------------------
