@@ -1,12 +1,15 @@
-"""A real `sharechat serve` process and a Chromium for the browser tests."""
+"""A real `sharechat serve` process and a Chromium for the browser tests.
+
+Synchronous, because Playwright's sync API refuses to run while an event loop runs
+in the thread: the server is started and polled with blocking calls, but with the
+command line and the clean environment of tests/servers.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, WebSocketRoute
+
+from tests.helpers import free_port
+from tests.servers import clean_environ, serve_command
 
 CHROMIUM = os.environ.get("SHARECHAT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -31,13 +37,6 @@ CHROMIUM_ARGS = [
 ]
 START_DEADLINE = 30.0
 STOP_DEADLINE = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -72,24 +71,10 @@ class Server:
 def run_server(log_path: Path, *flags: str) -> Iterator[Server]:
     """`python -m sharechat serve` on a free port, in-memory, until the block ends."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env["PYTHONUNBUFFERED"] = "1"
+    env = clean_environ(PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sharechat",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *flags,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
+            serve_command(port, *flags), stdout=log, stderr=subprocess.STDOUT, env=env
         )
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     try:

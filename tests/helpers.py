@@ -52,7 +52,11 @@ async def receive_close(ws: aiohttp.ClientWebSocketResponse, wait: float = WAIT)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], wait: float = WAIT) -> None:
-    """Poll `check` until it holds; fail after `wait` seconds."""
+    """Poll `check` until it holds; fail after `wait` seconds.
+
+    A deadline, not a fixed sleep: a sleep is too short on a loaded machine and time
+    wasted on an idle one.
+    """
     async with asyncio.timeout(wait):
         while not await check():
             await asyncio.sleep(0.02)

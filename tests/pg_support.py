@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -24,6 +23,7 @@ import aiopg
 from psycopg2 import sql
 
 from sharechat.migrations import migrate
+from tests.helpers import free_port
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 TIMEOUT = 30.0
@@ -128,7 +128,7 @@ async def throwaway_cluster() -> AsyncIterator[ThrowawayCluster]:
     try:
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
             shutil.chown(directory, "postgres", "postgres")
-        cluster = ThrowawayCluster(directory, _free_port())
+        cluster = ThrowawayCluster(directory, free_port())
         await cluster.init()
         await cluster.start()
         try:
@@ -138,13 +138,6 @@ async def throwaway_cluster() -> AsyncIterator[ThrowawayCluster]:
                 await cluster.stop("immediate")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _binary(name: str) -> str:

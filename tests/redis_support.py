@@ -14,10 +14,12 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import uuid4
+
+from tests.helpers import free_port
 
 # The shared server; other test runs use it at the same time, hence unique_prefix().
 REDIS_URL = os.environ.get("SHARECHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -26,32 +28,6 @@ REDIS_URL = os.environ.get("SHARECHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0
 def unique_prefix(tag: str = "test") -> str:
     """A channel prefix no other test (or test run) shares."""
     return f"sharechat-{tag}-{uuid4().hex}:"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def eventually(check: Callable[[], Awaitable[object]], within: float = 10.0) -> None:
-    """Retry `check` until it returns without raising; after `within` s, raise its last error.
-
-    Polling against a deadline is how tests wait for the system to converge: a fixed
-    sleep is either too short on a loaded machine or wasted time on an idle one. Give
-    `check` a timeout of its own if it can hang.
-    """
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            await check()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-        else:
-            return
 
 
 class RedisServer:

@@ -1,88 +1,181 @@
-"""Real `sharechat serve` processes for the tests that need whole instances."""
+"""Real `sharechat serve` processes, for the tests that need whole instances or signals.
+
+Each process logs to a file (so it never blocks on a full pipe), must answer
+/api/healthz before a deadline, and is always killed and reaped; its log is in
+the failure message of a bad start and printed at the end (pytest shows it when
+the test fails).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import signal
+import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.helpers import free_port
+from sharechat.config import Config
+from tests.helpers import WAIT, free_port, receive_json
 
-START_WAIT = 30.0
+VENV_BIN = Path(sys.executable).parent
+STARTUP = 30.0  # seconds a fresh process may take to answer /api/healthz (migrations included)
+CONFIG_VARIABLES = {"HOST", "PORT", "LOG_LEVEL", "DATABASE_URL", "REDIS_URL"}
 
 
-class ServerProcess:
-    def __init__(self, args: list[str], env: Mapping[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._args = [sys.executable, "-m", "sharechat", "serve", "--host", "127.0.0.1"]
-        self._args += ["--port", str(self.port), *args]
-        self._env = {**os.environ, **env}
-        self._log = tempfile.TemporaryFile(mode="w+")  # a file, so the child never blocks
-        self.process: subprocess.Popen[str] | None = None
+def clean_environ(**extra: str) -> dict[str, str]:
+    """This process's environment without any sharechat setting, plus `extra`."""
+    environ = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in CONFIG_VARIABLES and not name.startswith("SHARECHAT_")
+    }
+    environ.update(extra)
+    return environ
 
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        self.process = subprocess.Popen(
-            self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT, text=True
-        )
-        try:
-            async with asyncio.timeout(START_WAIT):
-                while not await self._healthy(session):
-                    assert self.process.poll() is None, f"server exited:\n{self.log()}"
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            raise AssertionError(f"server did not become healthy:\n{self.log()}") from None
 
-    async def _healthy(self, session: aiohttp.ClientSession) -> bool:
-        try:
-            async with session.get(f"{self.url}/api/healthz") as response:
-                return response.status == 200
-        except aiohttp.ClientError:
-            return False
+def backend_environ(config: Config) -> dict[str, str]:
+    """The test's backends, handed over the way a platform hands them over."""
+    environ = {}
+    if config.database_url:
+        environ["DATABASE_URL"] = config.database_url
+    if config.redis_url:
+        environ["REDIS_URL"] = config.redis_url
+        environ["SHARECHAT_REDIS_PREFIX"] = config.redis_prefix
+    return environ
+
+
+def serve_command(port: int, *flags: str, how: str = "python-m") -> list[str]:
+    """`sharechat serve` on 127.0.0.1:`port`, as `python -m` or as the console script."""
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), *flags]
+    if how == "console-script":
+        script = VENV_BIN / "sharechat"
+        assert script.is_file(), f"{script} missing: is the package installed?"
+        return [str(script), *args]
+    return [sys.executable, "-m", "sharechat", *args]
+
+
+@dataclass
+class Server:
+    command: Sequence[str]
+    process: asyncio.subprocess.Process
+    url: str  # http://127.0.0.1:<port>
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
-        assert self.process is not None
         self.process.send_signal(signum)
 
-    async def wait(self, within: float) -> int:
-        assert self.process is not None
-        return await asyncio.to_thread(self.process.wait, within)
+    async def wait_exit(self, within: float) -> int | None:
+        """The exit code, or None if the process still runs after `within` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                return await self.process.wait()
+        return None
 
-    def log(self) -> str:
-        self._log.seek(0)
-        return self._log.read()
+    async def wait_healthy(self, deadline: float) -> None:
+        """Poll /api/healthz until it says ok; fail if the process exits or `deadline` passes."""
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert self.process.returncode is None, f"exited early:\n{self.output()}"
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    async with (
+                        asyncio.timeout(1.0),
+                        http.get(f"{self.url}/api/healthz") as response,
+                    ):
+                        body = await response.json()
+                    if response.status == 200 and body["status"] == "ok":
+                        return
+                assert time.monotonic() < deadline, f"not healthy in time:\n{self.output()}"
+                await asyncio.sleep(0.1)
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-        self._log.close()
+
+@contextlib.asynccontextmanager
+async def running(
+    command: Sequence[str], port: int, environ: Mapping[str, str], workdir: Path
+) -> AsyncIterator[Server]:
+    """Run `command` (a server on `port`) in `workdir` with exactly `environ`, until healthy."""
+    async with _running([(command, port)], environ, workdir) as (server,):
+        yield server
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def running_servers(
-    count: int, env: Mapping[str, str], *args: str
-) -> AsyncIterator[list[ServerProcess]]:
-    """`count` instances sharing `env` (DATABASE_URL, REDIS_URL, ...); killed at the end."""
-    servers = [ServerProcess(list(args), env) for _ in range(count)]
+    count: int, env: Mapping[str, str], *flags: str
+) -> AsyncIterator[list[Server]]:
+    """`count` instances of `sharechat serve *flags`, all with `env` (DATABASE_URL, ...)."""
+    with tempfile.TemporaryDirectory(prefix="sharechat-serve-") as workdir:
+        ports = [free_port() for _ in range(count)]
+        launches = [(serve_command(port, *flags), port) for port in ports]
+        async with _running(launches, clean_environ(**env), Path(workdir)) as servers:
+            yield servers
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    launches: Sequence[tuple[Sequence[str], int]], environ: Mapping[str, str], workdir: Path
+) -> AsyncIterator[list[Server]]:
+    """Start every process at once, wait until all are healthy; always kill and reap them."""
+    servers: list[Server] = []
     try:
-        async with aiohttp.ClientSession() as session:
-            await asyncio.gather(*(server.start(session) for server in servers))
+        for number, (command, port) in enumerate(launches):
+            log = workdir / f"server-{number}.log"
+            with log.open("wb") as sink:
+                process = await asyncio.create_subprocess_exec(
+                    *command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    env=dict(environ),
+                    cwd=workdir,
+                )
+            servers.append(Server(command, process, f"http://127.0.0.1:{port}", log))
+        deadline = time.monotonic() + STARTUP  # they start in parallel: one deadline for all
+        for server in servers:
+            await server.wait_healthy(deadline)
         yield servers
     finally:
         for server in servers:
-            server.stop()
+            if server.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):  # it ended just now
+                    server.process.kill()
+        for server in servers:
+            async with asyncio.timeout(WAIT):
+                await server.process.wait()
+            # Shown by pytest only when the test fails.
+            command = shlex.join(server.command)
+            print(f"--- {command} (exit {server.process.returncode}) ---\n{server.output()}")
 
 
-async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
-    async with session.get(url) as response:
+async def create_room(http: aiohttp.ClientSession, server: Server) -> str:
+    async with asyncio.timeout(WAIT), http.post(f"{server.url}/api/room") as response:
+        assert response.status == 200, await response.text()
+        room_id: str = (await response.json())["roomId"]
+    return room_id
+
+
+async def join(
+    http: aiohttp.ClientSession, server: Server, room: str
+) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    """What websocat does: a plain websocket, no subprotocol, no Origin."""
+    async with asyncio.timeout(WAIT):
+        ws = await http.ws_connect(f"{server.url}/api/serve/{room}")
+    joined = await receive_json(ws)
+    assert joined["type"] == "joined", joined
+    return ws, joined
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    async with asyncio.timeout(WAIT), http.get(url) as response:
         assert response.status == 200, f"{url}: {response.status} {await response.text()}"
         return await response.json()

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import REDIS_URL
 from tests.helpers import WAIT, eventually, receive_close, receive_json, receive_until
 from tests.pg_support import temporary_database
-from tests.servers import ServerProcess, get_json, running_servers
+from tests.servers import Server, create_room, get_json, join, running_servers
 
 Socket = aiohttp.ClientWebSocketResponse
 
@@ -39,24 +39,8 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def create_room(session: aiohttp.ClientSession, server: ServerProcess) -> str:
-    async with session.post(f"{server.url}/api/room") as response:
-        assert response.status == 200
-        room_id: str = (await response.json())["roomId"]
-        return room_id
-
-
-async def join(
-    session: aiohttp.ClientSession, server: ServerProcess, room: str
-) -> tuple[Socket, dict[str, Any]]:
-    ws = await session.ws_connect(f"{server.url}/api/serve/{room}", heartbeat=None)
-    joined = await receive_json(ws)
-    assert joined["type"] == "joined"
-    return ws, joined
-
-
 async def join_all(
-    session: aiohttp.ClientSession, servers: list[ServerProcess], room: str, count: int
+    session: aiohttp.ClientSession, servers: list[Server], room: str, count: int
 ) -> list[tuple[Socket, dict[str, Any]]]:
     """`count` members spread round-robin over the servers, each having seen all later joins."""
     members = [await join(session, servers[n % len(servers)], room) for n in range(count)]
@@ -66,7 +50,7 @@ async def join_all(
     return members
 
 
-async def member_ids(session: aiohttp.ClientSession, server: ServerProcess, room: str) -> list[str]:
+async def member_ids(session: aiohttp.ClientSession, server: Server, room: str) -> list[str]:
     body = await get_json(session, f"{server.url}/api/room/{room}")
     return [member["id"] for member in body["members"]]
 
@@ -133,7 +117,7 @@ async def test_sigterm_closes_with_1001_and_records_left(
         leaving.signal(signal.SIGTERM)
         assert await receive_close(first) == 1001
         assert await receive_close(second) == 1001
-        assert await leaving.wait(within=10) == 0
+        assert await leaving.wait_exit(within=10) == 0
 
         gone = {first_joined["memberId"], second_joined["memberId"]}
         seen: set[str] = set()
@@ -228,7 +212,7 @@ async def test_history_survives_a_restart(
         await ws.close()
         before = await get_json(session, f"{server.url}/api/room/{room}/messages")
         server.signal(signal.SIGTERM)
-        assert await server.wait(within=10) == 0
+        assert await server.wait_exit(within=10) == 0
     async with running_servers(1, env) as (server,):
         after = await get_json(session, f"{server.url}/api/room/{room}/messages")
     assert after == before

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from sharechat.config import Config, ConfigError, from_argv
-from tests.test_cli import clean_environ
+from tests.servers import clean_environ
 
 DATABASE = "postgresql://user:pass@db.example:5432/chat"
 REDIS = "redis://:secret@redis.example:6379/0"

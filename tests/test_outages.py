@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import pytest
@@ -48,6 +48,25 @@ async def wait_for_health(client: TestClient[Any, Any], status: int) -> dict[str
     return (await health(client))[1]
 
 
+class Chatting(NamedTuple):
+    client: TestClient[Any, Any]
+    chat: Chat
+    room: str
+    alice: aiohttp.ClientWebSocketResponse
+    bob: aiohttp.ClientWebSocketResponse
+
+
+async def chatting(aiohttp_client: Any, config: Config) -> Chatting:
+    """An app on `config` with a room where alice and bob exchanged "before"."""
+    client = await aiohttp_client(create_app(config))
+    chat = Chat(client)
+    room = await chat.room()
+    alice, _ = await chat.join(room)
+    bob, _ = await chat.join(room)
+    await chat_works(chat, room, alice, bob, "before")
+    return Chatting(client, chat, room, alice, bob)
+
+
 async def chat_works(chat: Chat, room: str, alice: Any, bob: Any, text: str) -> None:
     await alice.send_str(text)
     echo, _ = await receive_until(alice, lambda m: m["type"] == "chat")
@@ -60,12 +79,7 @@ async def test_redis_outage_is_survived(
 ) -> None:
     config = Config(database_url=database_url, redis_url=own_redis.url)
     config = dataclasses.replace(config, redis_prefix=unique_prefix("outage"))
-    client = await aiohttp_client(create_app(config))
-    chat = Chat(client)
-    room = await chat.room()
-    alice, _ = await chat.join(room)
-    bob, _ = await chat.join(room)
-    await chat_works(chat, room, alice, bob, "before")
+    client, chat, room, alice, bob = await chatting(aiohttp_client, config)
 
     own_redis.kill()
     body = await wait_for_health(client, 503)
@@ -87,12 +101,7 @@ async def test_postgres_outage_is_survived(
     aiohttp_client: Any, own_postgres: ThrowawayCluster
 ) -> None:
     config = Config(database_url=own_postgres.dsn, backend_timeout=2.0)
-    client = await aiohttp_client(create_app(config))
-    chat = Chat(client)
-    room = await chat.room()
-    alice, _ = await chat.join(room)
-    bob, _ = await chat.join(room)
-    await chat_works(chat, room, alice, bob, "before")
+    client, chat, room, alice, bob = await chatting(aiohttp_client, config)
 
     await own_postgres.stop()
     body = await wait_for_health(client, 503)

@@ -15,18 +15,12 @@ from redis.asyncio import Redis
 
 from sharechat.domain import BackendUnavailable
 from sharechat.redis_queue import RedisQueue, open_redis_queue
-from tests.redis_support import (
-    REDIS_URL,
-    RedisServer,
-    StallingProxy,
-    eventually,
-    free_port,
-    redis_server,
-    unique_prefix,
-)
+from tests.helpers import eventually, free_port
+from tests.redis_support import REDIS_URL, RedisServer, StallingProxy, redis_server, unique_prefix
 
 OpenQueue = Callable[..., Awaitable[RedisQueue]]
 Inbox = AsyncIterator[tuple[UUID, str]]
+SETTLE = 10.0  # seconds a queue may take to get where a test waits for it (load, loss, return)
 
 
 @pytest.fixture
@@ -78,6 +72,19 @@ async def unavailable(operation: Awaitable[object]) -> str:
     except BackendUnavailable as exc:
         return str(exc)
     raise AssertionError("expected BackendUnavailable")
+
+
+async def down_reason(queue: RedisQueue) -> str | None:
+    """Why the queue is unavailable right now, or None if it answers PING."""
+    try:
+        await call(queue.ping())
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+async def answers(queue: RedisQueue) -> bool:
+    return await down_reason(queue) is None
 
 
 async def test_publish_subscribe_round_trip(queue: RedisQueue) -> None:
@@ -239,11 +246,11 @@ async def close_under_load() -> None:
                     await queue.publish(uuid4(), "load")
                     published += 1
 
-        async def under_load() -> None:
-            assert published > 1000
+        async def under_load() -> bool:
+            return published > 1000
 
         publishers = [asyncio.create_task(publish_until_closed()) for _ in range(50)]
-        await eventually(under_load)
+        await eventually(under_load, wait=SETTLE)
     await asyncio.gather(*publishers)  # each ends at its first publish after the close
 
 
@@ -290,7 +297,7 @@ async def test_outage_is_reported_and_survived(
     await unavailable(queue.subscribe(uuid4()))
 
     server.start()
-    await eventually(lambda: call(queue.ping()))
+    await eventually(lambda: answers(queue), wait=SETTLE)
     await call(queue.publish(room, "after"))
     assert await receive(inbox) == (room, "after")
     assert "redis lost: connection closed by server" in redis_logs.text
@@ -311,7 +318,7 @@ async def test_hung_server_is_reported_within_seconds(
         assert await unavailable(queue.publish(room, "during")) == "redis: timed out"
     finally:
         server.thaw()
-    await eventually(lambda: call(queue.ping()))
+    await eventually(lambda: answers(queue), wait=SETTLE)
     await call(queue.publish(room, "after"))
     # A timeout cannot tell whether Redis got the command: the thawed server may still
     # run the PUBLISH it had buffered.
@@ -328,10 +335,10 @@ async def test_pubsub_connection_killed_by_redis_is_rebuilt(
     async with Redis.from_url(server.url) as admin:
         assert await call(admin.client_kill_filter(_type="pubsub")) == 1
 
-    async def noticed() -> None:
-        assert "redis back: resubscribed 1 rooms" in redis_logs.text
+    async def noticed() -> bool:
+        return "redis back: resubscribed 1 rooms" in redis_logs.text
 
-    await eventually(noticed)
+    await eventually(noticed, wait=SETTLE)
     await call(queue.ping())
     await call(queue.publish(room, "after"))
     assert await receive(queue.received()) == (room, "after")
@@ -346,7 +353,7 @@ async def test_starts_without_redis_and_connects_once_it_is_up(
     assert "redis:" in await unavailable(queue.subscribe(uuid4()))
     server.start()
     try:
-        await eventually(lambda: call(queue.ping()))
+        await eventually(lambda: answers(queue), wait=SETTLE)
         room = uuid4()
         await call(queue.subscribe(room))
         await call(queue.publish(room, "hello"))
@@ -372,12 +379,11 @@ async def test_stalled_subscription_is_detected_and_rebuilt(
         # canary is the one thing that can tell.
         assert proxy.stall_subscribers() == 1
 
-        async def reports_stall() -> None:
-            reason = await unavailable(queue.ping())
-            assert reason == "redis: subscription stalled"
+        async def reports_stall() -> bool:
+            return await down_reason(queue) == "redis: subscription stalled"
 
-        await eventually(reports_stall)
-        await eventually(lambda: call(queue.ping()))
+        await eventually(reports_stall, wait=SETTLE)
+        await eventually(lambda: answers(queue), wait=SETTLE)
         await call(queue.publish(room, "after"))
         assert await receive(inbox) == (room, "after")
         assert "redis lost: subscription stalled" in redis_logs.text
