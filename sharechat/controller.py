@@ -65,19 +65,19 @@ class Session:
         self.member = member
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
         self._peer = peer
-        self._outbox: deque[str] = deque()
+        self._outbox: deque[bytes] = deque()  # UTF-8 JSON, encoded once per message
         self._max_outbox = config.send_queue
-        self._joined_payload: str | None = None
+        self._joined_payload: bytes | None = None
         self.joined = asyncio.Event()  # set once its own `joined` is in the outbox
-        self._closing: asyncio.Task[bool] | None = None
+        self._closing: asyncio.Task[None] | None = None
         # Started when there is something to write, gone when the outbox is empty:
         # thousands of idle members cost no task at all.
         self._writer: asyncio.Task[None] | None = None
 
-    def expect_joined(self, payload: str) -> None:
+    def expect_joined(self, payload: bytes) -> None:
         self._joined_payload = payload
 
-    def deliver(self, payload: str) -> None:
+    def deliver(self, payload: bytes) -> None:
         if not self.joined.is_set():
             # What the room said before this member's own `joined` is history to it:
             # its first frame must be that `joined`.
@@ -86,7 +86,7 @@ class Session:
             self.joined.set()
         self.send(payload)
 
-    def send(self, payload: str) -> None:
+    def send(self, payload: bytes) -> None:
         if self._closing is not None:
             return
         if len(self._outbox) >= self._max_outbox:
@@ -104,11 +104,9 @@ class Session:
         self._outbox.clear()
         if self._writer is not None:
             self._writer.cancel()
-        # No drain: a peer too slow to read must not hold up its own disconnection.
-        closing = self._peer.close(code=code, message=reason.encode(), drain=False)
-        self._closing = asyncio.create_task(closing)
+        self._closing = asyncio.create_task(self._peer.close(code=code, message=reason.encode()))
 
-    async def stop(self) -> asyncio.Task[bool] | None:
+    async def stop(self) -> asyncio.Task[None] | None:
         """Stop the writer; returns the close handshake still under way, if any."""
         if self._writer is not None:
             self._writer.cancel()
@@ -119,7 +117,10 @@ class Session:
     async def _write_out(self) -> None:
         try:
             while self._outbox:
-                await self._peer.send_str(self._outbox.popleft())
+                # Everything queued goes out together: one write for many frames.
+                batch = list(self._outbox)
+                self._outbox.clear()
+                await self._peer.send_texts(batch)
         except (ConnectionError, RuntimeError) as error:
             # The connection is going away; the reader notices and leaves.
             log.debug("writer of %s stopped: %s", self.member.id, error)
@@ -182,7 +183,7 @@ class Controller:
             await asyncio.shield(room.subscription)
             stored = await self._repository.add_member(room_id, member, self.instance_id)
             payload = stored.to_json()
-            session.expect_joined(payload)
+            session.expect_joined(payload.encode())
             await self._queue.publish(room_id, payload)
             async with asyncio.timeout(self._config.backend_timeout):
                 await session.joined.wait()
@@ -217,7 +218,7 @@ class Controller:
 
     def reject(self, session: Session, reason: str) -> None:
         """A `failed` message for the sender alone."""
-        session.send(failed_message(session.room_id, session.member, reason).to_json())
+        session.send(failed_message(session.room_id, session.member, reason).to_json().encode())
 
     async def leave(self, session: Session) -> None:
         """Remove the member for good and tell the room; once per joined session.
@@ -369,8 +370,9 @@ class Controller:
         async for room_id, payload in self._queue.received():
             room = self._rooms.get(room_id)
             if room is not None:
+                data = payload.encode()  # once for the whole room
                 for session in room.sessions.values():
-                    session.deliver(payload)
+                    session.deliver(data)
 
     async def _housekeeping(self) -> None:
         config = self._config

@@ -6,7 +6,7 @@ repository, the queue and each member's connection through these Protocols.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
@@ -110,10 +110,15 @@ class Queue(Protocol):
 
 
 class Peer(Protocol):
-    """One member's connection (an aiohttp WebSocketResponse fits)."""
+    """One member's connection."""
 
-    async def send_str(self, data: str, /) -> None: ...
+    async def send_texts(self, texts: Sequence[bytes], /) -> None:
+        """Send each UTF-8 text as one message, in order, in as few writes as possible.
 
-    async def close(self, *, code: int = ..., message: bytes = ..., drain: bool = ...) -> bool:
-        """With drain=False the close frame is queued without waiting for the peer."""
+        Returns once the connection can take more; raises ConnectionError once it is gone.
+        """
+        ...
+
+    async def close(self, *, code: int, message: bytes) -> None:
+        """Close without waiting for a peer that may be too slow to read."""
         ...

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import struct
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.abc import AbstractStreamWriter
 
 from sharechat.config import Config
 from sharechat.controller import Controller
@@ -158,11 +160,11 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
         heartbeat=config.ping_interval,
         max_msg_size=max(FRAME_CEILING, 4 * config.max_message_bytes),
     )
-    await ws.prepare(request)
+    peer = WebSocketPeer(ws, request, await ws.prepare(request))
     try:
         if outage:
             raise outage
-        session = await controller.join(room_id, ws)
+        session = await controller.join(room_id, peer)
     except (RoomNotFound, BackendUnavailable) as error:
         log.warning("join refused in room %s: %r", room_id, error)
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=_refusal(error))
@@ -176,6 +178,43 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
     finally:
         await controller.leave(session)
     return ws
+
+
+class WebSocketPeer:
+    """A member's websocket, written many text frames per system call.
+
+    aiohttp writes one frame per call, and a busy room then spends most of its
+    time in write(2). Frames from the server are not masked, so a text frame is
+    a two-to-ten byte header and the UTF-8 text: we write them to the transport
+    ourselves, and leave pings, pongs and close frames to aiohttp.
+    """
+
+    def __init__(
+        self, ws: web.WebSocketResponse, request: web.Request, writer: AbstractStreamWriter
+    ) -> None:
+        self._ws = ws
+        self._request = request
+        self._writer = writer
+
+    async def send_texts(self, texts: Sequence[bytes], /) -> None:
+        transport = self._request.transport
+        if self._ws.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("websocket closed")
+        transport.writelines([part for text in texts for part in (_text_header(text), text)])
+        await self._writer.drain()  # waits only while the transport is over its high-water mark
+
+    async def close(self, *, code: int, message: bytes) -> None:
+        await self._ws.close(code=code, message=message, drain=False)
+
+
+def _text_header(text: bytes) -> bytes:
+    """FIN + text opcode, then the payload length (RFC 6455, section 5.2)."""
+    length = len(text)
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, length)
+    return struct.pack("!BBQ", 0x81, 127, length)
 
 
 def _check_origin(request: web.Request, allowed: tuple[str, ...]) -> None:

@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from sharechat import names
+from sharechat.web import _text_header
 from tests.conftest import Chat, StartServer
 from tests.helpers import (
     MESSAGE_KEYS,
@@ -329,3 +330,34 @@ async def test_server_shutdown_closes_with_1001(start_server: StartServer) -> No
     assert await receive_close(bob) == 1001
     async with asyncio.timeout(WAIT):
         await closing
+
+
+@pytest.mark.parametrize("size", [1, 125, 126, 65_535, 65_536, 200_000])
+async def test_frames_of_every_length_class_arrive_intact(
+    start_server: StartServer, size: int
+) -> None:
+    """The server writes text frames itself: 7-bit, 16-bit and 64-bit lengths all work."""
+    chat = Chat(await start_server(max_message_bytes=250_000, rate_limit=0))
+    room = await chat.room()
+    alice, _ = await chat.join(room)
+    bob, _ = await chat.join(room)
+    await receive_json(alice)
+    # The JSON around the text is about 250 bytes: frames land near each length class.
+    text = "é" * ((size - 250) // 2) + "x" * ((size - 250) % 2) if size > 250 else "x" * size
+    await alice.send_str(text)
+    for ws in (alice, bob):
+        assert (await receive_json(ws))["message"] == text
+
+
+@pytest.mark.parametrize(
+    ("length", "header"),
+    [
+        (0, b"\x81\x00"),
+        (125, b"\x81\x7d"),
+        (126, b"\x81\x7e\x00\x7e"),
+        (65_535, b"\x81\x7e\xff\xff"),
+        (65_536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+    ],
+)
+def test_text_frame_header_follows_rfc_6455(length: int, header: bytes) -> None:
+    assert _text_header(b"x" * length) == header
