@@ -58,7 +58,11 @@ class Message:
 
     def to_json(self) -> str:
         """The one wire form of a message: history and websocket frames share it."""
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        return _ENCODER.encode(self.to_dict())
+
+
+# One encoder for every message: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def failed_message(room_id: UUID, member: Member, reason: str) -> Message:
@@ -80,7 +84,7 @@ def utcnow() -> datetime:
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds: 2026-11-28T02:48:02.123456Z."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 class SharechatError(Exception):
