@@ -361,3 +361,42 @@ async def test_frames_of_every_length_class_arrive_intact(
 )
 def test_text_frame_header_follows_rfc_6455(length: int, header: bytes) -> None:
     assert _text_header(b"x" * length) == header
+
+
+HOSTILE_TEXTS = [
+    "'); DROP TABLE messages; --",
+    'Robert"); DELETE FROM rooms WHERE ("1"="1',
+    "semi;colons;everywhere;",
+    "back\\slash \\x00 not a nul, %s %(name)s {0}",
+    "emoji 🦊🏳️‍🌈 and \U0001d518 (4-byte UTF-8)",  # MATHEMATICAL FRAKTUR CAPITAL U
+    "<script>alert(1)</script>",
+]
+
+
+async def test_hostile_text_is_stored_and_returned_exactly(chat: Chat) -> None:
+    room = await chat.room()
+    alice, _ = await chat.join(room)
+    for text in HOSTILE_TEXTS:
+        await alice.send_str(text)
+        assert (await receive_json(alice))["message"] == text
+    chats = [m["message"] for m in await chat.history(room) if m["type"] == "chat"]
+    assert chats == HOSTILE_TEXTS
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/room/'%3B%20DROP%20TABLE%20rooms%3B--",
+        "/api/room/%00",
+        "/api/room/00000000-0000-0000-0000-000000000000'--",
+        "/api/room/{room}/messages?before=%27%3B%20DROP%20TABLE%20messages%3B--",
+        "/api/room/{room}/messages?after=%00",
+        "/api/room/{room}/messages?limit=1%3BDROP",
+    ],
+)
+async def test_hostile_ids_get_a_4xx_never_a_500(chat: Chat, path: str) -> None:
+    room = await chat.room()
+    response = await chat.client.get(path.format(room=room))
+    assert response.status in (400, 404)
+    assert set(await response.json()) == {"error"}
+    assert (await chat.client.get(f"/api/room/{room}")).status == 200
