@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
+MAX_IN_FLIGHT = 8  # messages of one member being stored or published at once
 
 
 class RateLimiter:
@@ -64,6 +65,8 @@ class Session:
         self.room_id = room_id
         self.member = member
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        self.in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self.last_message: asyncio.Task[None] | None = None  # the newest one under way
         self._peer = peer
         self._outbox: deque[bytes] = deque()  # UTF-8 JSON, encoded once per message
         self._max_outbox = config.send_queue
@@ -196,25 +199,42 @@ class Controller:
         return session
 
     async def say(self, session: Session, text: str) -> None:
-        """One text frame from a member: check it, store it, publish it."""
+        """One text frame from a member: check it, then store and publish it.
+
+        Returns once the message is under way, so that a member may have several
+        in flight (they share commits with the room's other writes); it waits while
+        MAX_IN_FLIGHT of this member's messages are. Order is kept without waiting:
+        the repository stores in call order and answers in that order, and each
+        answer is published at once, before anything else runs. So the room sees
+        messages in the order of the history, and a member's in the order it sent them.
+        """
         if not text.strip():
             return
         problem = self._problem_with(session, text)
         if problem:
             self.reject(session, problem)
             return
+        await session.in_flight.acquire()
+        session.last_message = self._spawn(self._store_and_publish(session, text))
+
+    async def _store_and_publish(self, session: Session, text: str) -> None:
         try:
-            message = await self._repository.add_message(session.room_id, session.member, text)
-        except BackendUnavailable as error:
-            log.warning("message of %s not stored: %s", session.member.id, error)
-            self.reject(session, "not sent: the message could not be stored")
-            return
-        try:
-            await self._queue.publish(session.room_id, message.to_json())
-        except BackendUnavailable as error:
-            log.warning("message %s not published: %s", message.id, error)
-            await self._forget(message)
-            self.reject(session, "not sent: the message could not be delivered")
+            try:
+                message = await self._repository.add_message(
+                    session.room_id, session.member, text
+                )
+            except BackendUnavailable as error:
+                log.warning("message of %s not stored: %s", session.member.id, error)
+                self.reject(session, "not sent: the message could not be stored")
+                return
+            try:
+                await self._queue.publish(session.room_id, message.to_json())
+            except BackendUnavailable as error:
+                log.warning("message %s not published: %s", message.id, error)
+                await self._forget(message)
+                self.reject(session, "not sent: the message could not be delivered")
+        finally:
+            session.in_flight.release()
 
     def reject(self, session: Session, reason: str) -> None:
         """A `failed` message for the sender alone."""
@@ -230,6 +250,9 @@ class Controller:
 
     async def _leave(self, session: Session) -> None:
         try:
+            if session.last_message is not None:
+                # Its messages reach the room before its `left` does.
+                await asyncio.wait([session.last_message])
             await self._exit_room(session)
             await self._record_leave(session.room_id, session.member)
         finally:

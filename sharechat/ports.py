@@ -58,7 +58,12 @@ class Repository(Protocol):
         ...
 
     async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        """Store a chat message; `sent` is assigned here."""
+        """Store a chat message; `sent` is assigned here.
+
+        Concurrent calls are stored in call order and answered in that order: the
+        controller publishes each answer at once, so the room's live order is the
+        order of its history.
+        """
         ...
 
     async def delete_message(self, message_id: UUID) -> None:
@@ -91,7 +96,9 @@ class Queue(Protocol):
     async def ping(self) -> None: ...
 
     async def publish(self, room_id: UUID, payload: str) -> None:
-        """Raises BackendUnavailable; the caller treats the payload as not delivered.
+        """Deliver in call order (queued before the first await).
+
+        Raises BackendUnavailable; the caller treats the payload as not delivered.
 
         After a timeout the backend may still deliver it: the rare exception to
         "history never holds a message the room did not see" is the reverse one.
