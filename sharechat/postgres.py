@@ -7,9 +7,10 @@ numbers are handed out in commit order (a reader paging with `after` can never
 see a gap that a slower transaction fills in later).
 
 Writing, in one more: joins, leaves and chat messages all queue for one writer
-task (group commit), which applies whatever has queued up in one transaction,
-so a burst of them costs a few commits (fsyncs) instead of one each, and a
-room's messages get their `seq` in the order the calls were made.
+task (group commit), which applies whatever queued up meanwhile in one
+transaction (lock the rooms, then one statement for all the changes), so a
+burst costs a few commits (fsyncs) and round trips instead of a few per call,
+and a room's messages get their `seq` in the order the calls were made.
 """
 
 from __future__ import annotations
@@ -133,17 +134,9 @@ def _locked_rooms(which: sa.ColumnElement[bool]) -> sa.Select[tuple[UUID]]:
     return sa.select(rooms.c.id).where(which).order_by(rooms.c.id).with_for_update(key_share=True)
 
 
-def _insert_messages() -> sa.Insert:
-    """Store many messages in one statement, in the order given, rooms locked first.
-
-    Rows whose room no longer exists are skipped instead of failing the batch.
-    """
-    locked = (
-        _locked_rooms(rooms.c.id == sa.any_(_uuids("room_ids")))
-        .cte("locked")
-        .prefix_with("MATERIALIZED")
-    )
-    new = (
+def _drafts() -> sa.TableValuedAlias:
+    """The messages to store, one array parameter per column, with their order."""
+    return (
         sa.func.unnest(
             _uuids("ids"),
             _uuids("room_ids"),
@@ -158,67 +151,119 @@ def _insert_messages() -> sa.Insert:
         .render_derived()
         .alias("new")
     )
-    rows = (
-        sa.select(
-            new.c.id,
-            new.c.room_id,
-            new.c.member_id,
-            new.c.member_name,
-            sa.cast(new.c.type, message_type),
-            new.c.message,
-            # Evaluated per row after the ORDER BY, so `sent` follows `seq`.
-            sa.func.clock_timestamp(),
-        )
-        .join_from(new, locked, locked.c.id == new.c.room_id)
-        .order_by(new.c.ord)
-    )
+
+
+def _message_rows(new: sa.TableValuedAlias) -> sa.Select[Any]:
+    return sa.select(
+        new.c.id,
+        new.c.room_id,
+        new.c.member_id,
+        new.c.member_name,
+        sa.cast(new.c.type, message_type),
+        new.c.message,
+        # Evaluated per row after the ORDER BY, so `sent` follows `seq`.
+        sa.func.clock_timestamp(),
+    ).order_by(new.c.ord)
+
+
+def _insert_rows(rows: sa.Select[Any]) -> sa.Insert:
     columns = ["id", "room_id", "member_id", "member_name", "type", "message", "sent"]
     return sa.insert(messages).from_select(columns, rows).returning(messages.c.id, messages.c.sent)
 
 
+def _insert_messages() -> sa.Insert:
+    """Store many messages in one statement, in the order given, rooms locked first.
+
+    Rows whose room no longer exists are skipped instead of failing the batch.
+    """
+    locked = (
+        _locked_rooms(rooms.c.id == sa.any_(_uuids("room_ids")))
+        .cte("locked")
+        .prefix_with("MATERIALIZED")
+    )
+    new = _drafts()
+    return _insert_rows(_message_rows(new).join_from(new, locked, locked.c.id == new.c.room_id))
+
+
 def _insert_members() -> sa.Insert:
-    """Add many members in one statement, in the order given; their rooms are locked already."""
+    """Add many members in one statement, in the order given; returns their rooms."""
     new = (
         sa.func.unnest(
-            _uuids("member_ids"), _uuids("room_ids"), _texts("names"), _uuids("instance_ids")
+            _uuids("join_ids"), _uuids("join_room_ids"), _texts("names"), _uuids("instance_ids")
         )
         .table_valued("id", "room_id", "name", "instance_id", with_ordinality="ord")
         .render_derived()
-        .alias("new")
+        .alias("joining")
     )
     rows = sa.select(
         new.c.id, new.c.room_id, new.c.name, new.c.instance_id, sa.func.clock_timestamp()
     ).order_by(new.c.ord)
     columns = ["id", "room_id", "name", "instance_id", "joined"]
-    return sa.insert(members).from_select(columns, rows)
+    return sa.insert(members).from_select(columns, rows).returning(members.c.room_id)
 
 
-def _delete_members() -> ReturningDelete[tuple[UUID]]:
+def _delete_members() -> ReturningDelete[tuple[UUID, UUID]]:
     """Delete many members, each only from the room given with it; returns those deleted."""
-    gone = (
-        sa.func.unnest(_uuids("member_ids"), _uuids("room_ids"))
+    leaving = (
+        sa.func.unnest(_uuids("exit_ids"), _uuids("exit_room_ids"))
         .table_valued("id", "room_id")
         .render_derived()
-        .alias("gone")
+        .alias("leaving")
     )
     return (
         sa.delete(members)
-        .where(members.c.id == gone.c.id, members.c.room_id == gone.c.room_id)
-        .returning(members.c.id)
+        .where(members.c.id == leaving.c.id, members.c.room_id == leaving.c.room_id)
+        .returning(members.c.id, members.c.room_id)
     )
 
 
-def _settle_rooms() -> sa.Update:
+def _settle(which: sa.ColumnElement[bool], occupied: sa.ColumnElement[bool]) -> sa.Update:
     """Make `emptied_at` agree with the members: NULL while the room has some, else
     the moment it became empty. Touches only the rooms where the two disagree, so
     that a room that was empty keeps its moment, and one that just emptied gets now.
     """
-    occupied = sa.exists().where(members.c.room_id == rooms.c.id)
     return (
         sa.update(rooms)
-        .where(rooms.c.id == sa.any_(_uuids("room_ids")), rooms.c.emptied_at.is_(None) != occupied)
+        .where(which, rooms.c.emptied_at.is_(None) != occupied)
         .values(emptied_at=sa.case((occupied, sa.null()), else_=sa.func.clock_timestamp()))
     )
+
+
+def _apply_changes() -> sa.Select[tuple[UUID, datetime]]:
+    """Joins, leaves and their messages in one statement, for rooms that an earlier
+    statement of the transaction locked (so they exist); returns the stored messages.
+
+    Earlier, because a statement's snapshot is taken as it starts: this one must
+    see every change that others made to these rooms before we held them.
+    """
+    joined = _insert_members().cte("joined")
+    gone = _delete_members().cte("gone")
+    were_here = sa.select(gone.c.id)
+    new = _drafts()
+    # A `left` only for a member removed here: one that was gone already had its own.
+    kept = sa.or_(new.c.type != MessageType.LEFT.value, new.c.member_id.in_(were_here))
+    stored = _insert_rows(_message_rows(new).where(kept)).cte("stored")
+    erased = (
+        sa.delete(messages)
+        .where(messages.c.id == sa.any_(_uuids("erased_ids")), messages.c.member_id.in_(were_here))
+        .cte("erased")
+    )
+    settled = _settle_changed(joined, gone).cte("settled")
+    # Data-modifying CTEs run whether or not the query reads them; add_cte renders them.
+    return sa.select(stored.c.id, stored.c.sent).add_cte(joined, gone, erased, settled)
+
+
+def _settle_changed(joined: sa.CTE, gone: sa.CTE) -> sa.Update:
+    """_settle for the rooms that `joined` and `gone` changed. Their own statement's
+    snapshot shows neither change: occupancy is reckoned with both."""
+    occupied = sa.or_(
+        sa.exists().where(
+            members.c.room_id == rooms.c.id, members.c.id.not_in(sa.select(gone.c.id))
+        ),
+        sa.exists().where(joined.c.room_id == rooms.c.id),
+    )
+    changed = sa.union(sa.select(joined.c.room_id), sa.select(gone.c.room_id))
+    return _settle(rooms.c.id.in_(changed), occupied)
 
 
 def _delete_idle_rooms() -> ReturningDelete[tuple[UUID]]:
@@ -304,15 +349,16 @@ _PAGE_BACKWARD = _page(messages.c.seq.desc())
 _PAGE_FORWARD = _page(messages.c.seq.asc())
 
 _LOCK_ROOMS = _Statement.compile(_locked_rooms(rooms.c.id == sa.any_(_uuids("room_ids"))))
-_INSERT_MEMBERS = _Statement.compile(_insert_members())
-_DELETE_MEMBERS = _Statement.compile(_delete_members())
-_SETTLE_ROOMS = _Statement.compile(_settle_rooms())
+_APPLY_CHANGES = _Statement.compile(_apply_changes())
+_SETTLE_ROOMS = _Statement.compile(
+    _settle(
+        rooms.c.id == sa.any_(_uuids("room_ids")),
+        sa.exists().where(members.c.room_id == rooms.c.id),
+    )
+)
 _INSERT_MESSAGES = _Statement.compile(_insert_messages())
 _DELETE_MESSAGE = _Statement.compile(
     sa.delete(messages).where(messages.c.id == sa.bindparam("message_id"))
-)
-_DELETE_MESSAGES = _Statement.compile(
-    sa.delete(messages).where(messages.c.id == sa.any_(_uuids("message_ids")))
 )
 
 _RENEW_LEASE = _Statement.compile(_renew_lease())
@@ -376,16 +422,24 @@ async def _store(cursor: aiopg.Cursor, drafts: Sequence[_Draft]) -> list[Message
     """Store the drafts in one statement; those whose room is gone are left out."""
     if not drafts:
         return []
-    await _INSERT_MESSAGES.run(
-        cursor,
-        ids=[draft.id for draft in drafts],
-        room_ids=[draft.room_id for draft in drafts],
-        member_ids=[draft.member.id for draft in drafts],
-        member_names=[draft.member.name for draft in drafts],
-        types=[draft.type.value for draft in drafts],
-        texts=[draft.text for draft in drafts],
-    )
-    sent: dict[UUID, datetime] = dict(await cursor.fetchall())
+    await _INSERT_MESSAGES.run(cursor, **_draft_columns(drafts))
+    return _stored(drafts, await cursor.fetchall())
+
+
+def _draft_columns(drafts: Sequence[_Draft]) -> dict[str, list[Any]]:
+    return {
+        "ids": [draft.id for draft in drafts],
+        "room_ids": [draft.room_id for draft in drafts],
+        "member_ids": [draft.member.id for draft in drafts],
+        "member_names": [draft.member.name for draft in drafts],
+        "types": [draft.type.value for draft in drafts],
+        "texts": [draft.text for draft in drafts],
+    }
+
+
+def _stored(drafts: Sequence[_Draft], rows: Sequence[tuple[UUID, datetime]]) -> list[Message]:
+    """The drafts that `rows` (id, sent) say were stored, as messages."""
+    sent = dict(rows)
     return [draft.stored(sent[draft.id]) for draft in drafts if draft.id in sent]
 
 
@@ -417,65 +471,36 @@ class _Write:
         return self.draft.member.id
 
 
-async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write]) -> dict[UUID, Message]:
-    """Apply a batch of writes inside a transaction; return the stored messages by id.
+async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write]) -> list[Message]:
+    """Apply a batch of writes inside a transaction; return the messages stored.
 
-    A write to a room that is gone stores nothing, nor does the leave of a member
-    that is gone already. A batch changes each member once at most (see
-    _GroupCommit._next_batch), so the order of the steps below cannot matter to
-    any member; the messages are stored in the order of the writes. With every
-    room of the batch locked first, the last step sees all other changes of
-    those rooms committed: the last one out of a room always marks it empty.
+    Two statements: lock the rooms (all in one statement, so in id order), then
+    change the members and store the messages of those that exist. A write to a
+    room that is gone stores nothing, nor does the leave of a member that is
+    gone already. A batch changes each member once at most (see
+    _GroupCommit._next_batch), so within the statement no member's changes
+    need ordering; the messages are stored in the order of the writes.
     """
-    live = await _lock_rooms(cursor, {write.room_id for write in writes})
+    await _LOCK_ROOMS.run(cursor, room_ids=list({write.room_id for write in writes}))
+    live = {room_id for (room_id,) in await cursor.fetchall()}
     writes = [write for write in writes if write.room_id in live]
+    if not writes:
+        return []
     joins = [write for write in writes if write.kind is _Kind.JOIN]
     exits = [write for write in writes if write.kind in (_Kind.LEAVE, _Kind.ERASE)]
-    await _add_members(cursor, joins)
-    removed = await _remove_members(cursor, exits)
-    stored = await _store(cursor, [w.draft for w in writes if _stores_message(w, removed)])
-    erased = [w.draft.id for w in exits if w.kind is _Kind.ERASE and w.member_id in removed]
-    if erased:
-        await _DELETE_MESSAGES.run(cursor, message_ids=erased)
-    changed = {w.room_id for w in joins} | {w.room_id for w in exits if w.member_id in removed}
-    if changed:
-        await _SETTLE_ROOMS.run(cursor, room_ids=list(changed))
-    return {message.id: message for message in stored}
-
-
-async def _lock_rooms(cursor: aiopg.Cursor, room_ids: set[UUID]) -> set[UUID]:
-    """Lock the rooms, all in one statement (so in id order); return those that exist."""
-    await _LOCK_ROOMS.run(cursor, room_ids=list(room_ids))
-    return {room_id for (room_id,) in await cursor.fetchall()}
-
-
-async def _add_members(cursor: aiopg.Cursor, joins: Sequence[_Write]) -> None:
-    if joins:
-        await _INSERT_MEMBERS.run(
-            cursor,
-            member_ids=[join.member_id for join in joins],
-            room_ids=[join.room_id for join in joins],
-            names=[join.draft.member.name for join in joins],
-            instance_ids=[join.instance_id for join in joins],
-        )
-
-
-async def _remove_members(cursor: aiopg.Cursor, exits: Sequence[_Write]) -> set[UUID]:
-    """Delete the members; return the ids of those that were still there."""
-    if not exits:
-        return set()
-    await _DELETE_MEMBERS.run(
+    drafts = [write.draft for write in writes if write.kind is not _Kind.ERASE]
+    await _APPLY_CHANGES.run(
         cursor,
-        member_ids=[write.member_id for write in exits],
-        room_ids=[write.room_id for write in exits],
+        join_ids=[join.member_id for join in joins],
+        join_room_ids=[join.room_id for join in joins],
+        names=[join.draft.member.name for join in joins],
+        instance_ids=[join.instance_id for join in joins],
+        exit_ids=[write.member_id for write in exits],
+        exit_room_ids=[write.room_id for write in exits],
+        erased_ids=[write.draft.id for write in exits if write.kind is _Kind.ERASE],
+        **_draft_columns(drafts),
     )
-    return {member_id for (member_id,) in await cursor.fetchall()}
-
-
-def _stores_message(write: _Write, removed: set[UUID]) -> bool:
-    if write.kind is _Kind.LEAVE:
-        return write.member_id in removed  # one gone already has had its `left`
-    return write.kind is not _Kind.ERASE
+    return _stored(drafts, await cursor.fetchall())
 
 
 def _check_storable(text: str) -> None:
@@ -507,7 +532,7 @@ class _GroupCommit:
     """
 
     def __init__(
-        self, apply: Callable[[list[_Write]], Awaitable[dict[UUID, Message]]], max_batch: int
+        self, apply: Callable[[list[_Write]], Awaitable[list[Message]]], max_batch: int
     ) -> None:
         self._apply = apply
         self._max_batch = max_batch
@@ -557,7 +582,7 @@ class _GroupCommit:
         if not batch:
             return
         try:
-            stored = await self._apply([write for write, _ in batch])
+            stored = {message.id: message for message in await self._apply([w for w, _ in batch])}
         except asyncio.CancelledError:
             for _, future in batch:
                 future.cancel()
@@ -727,13 +752,12 @@ class PostgresRepository:
             log.info("deleted %s idle rooms", len(deleted))
         return deleted
 
-    async def _commit(self, writes: list[_Write]) -> dict[UUID, Message]:
+    async def _commit(self, writes: list[_Write]) -> list[Message]:
         if all(write.kind is _Kind.CHAT for write in writes):
             # One statement outside a transaction block, which PostgreSQL commits
             # on its own: no round trips for BEGIN and COMMIT.
             async with self._cursor() as cursor:
-                stored = await _store(cursor, [write.draft for write in writes])
-            return {message.id: message for message in stored}
+                return await _store(cursor, [write.draft for write in writes])
         async with self._transaction() as cursor:
             return await _apply(cursor, writes)
 
