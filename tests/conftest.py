@@ -42,6 +42,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", chosen)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`--backends memory`: leave out the tests of the services themselves (not skipped:
+    they are simply not part of that run; CI runs every backend)."""
+    if "postgres" in config.getoption("--backends").split(","):
+        return
+    dropped = [item for item in items if item.get_closest_marker("services")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("services")]
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """One migrated database for the whole run, dropped at the end."""

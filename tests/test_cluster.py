@@ -19,6 +19,8 @@ from tests.helpers import WAIT, eventually, receive_close, receive_json, receive
 from tests.pg_support import temporary_database
 from tests.servers import Server, create_room, get_json, join, running_servers
 
+pytestmark = pytest.mark.services  # real PostgreSQL/Redis: see conftest --backends
+
 Socket = aiohttp.ClientWebSocketResponse
 
 

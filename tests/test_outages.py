@@ -19,6 +19,8 @@ from tests.helpers import WAIT, eventually, receive_json, receive_until
 from tests.pg_support import ThrowawayCluster, throwaway_cluster
 from tests.redis_support import RedisServer, redis_server, unique_prefix
 
+pytestmark = pytest.mark.services  # real PostgreSQL/Redis: see conftest --backends
+
 OUTAGE_WAIT = 15.0  # detection and recovery involve reconnect backoff
 
 

@@ -37,6 +37,8 @@ from sharechat.postgres import (
 from tests.helpers import eventually
 from tests.pg_support import temporary_database, throwaway_cluster
 
+pytestmark = pytest.mark.services  # real PostgreSQL/Redis: see conftest --backends
+
 WAIT = 20.0  # the deadline of a whole test body
 PROMPT = 5.0  # how long a call may take to fail when PostgreSQL is away
 DIALECT = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]

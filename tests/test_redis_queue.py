@@ -18,6 +18,8 @@ from sharechat.redis_queue import RedisQueue, open_redis_queue
 from tests.helpers import eventually, free_port
 from tests.redis_support import REDIS_URL, RedisServer, StallingProxy, redis_server, unique_prefix
 
+pytestmark = pytest.mark.services  # real PostgreSQL/Redis: see conftest --backends
+
 OpenQueue = Callable[..., Awaitable[RedisQueue]]
 Inbox = AsyncIterator[tuple[UUID, str]]
 SETTLE = 10.0  # seconds a queue may take to get where a test waits for it (load, loss, return)
