@@ -98,10 +98,9 @@ class Queue(Protocol):
     async def publish(self, room_id: UUID, payload: str) -> None:
         """Deliver in call order (queued before the first await).
 
-        Raises BackendUnavailable; the caller treats the payload as not delivered.
-
-        After a timeout the backend may still deliver it: the rare exception to
-        "history never holds a message the room did not see" is the reverse one.
+        Raises BackendUnavailable; the caller then treats the payload as not
+        delivered. After a timeout the backend may still deliver it, so in that
+        rare case a member may see a message that the history no longer holds.
         """
         ...
 
