@@ -58,8 +58,14 @@ class Controller:
         log.info("room created %s %r", room.id, room.name)
         return room
 
-    async def get_room(self, room_id: UUID) -> Room:
-        return await self._repository.get_room(room_id)
+    async def check_room(self, room_id: UUID) -> None:
+        """Raise RoomNotFound for a room that does not exist.
+
+        A room with members on this instance exists (rooms expire only when empty
+        everywhere), so a join into a busy room costs no query.
+        """
+        if room_id not in self._rooms:
+            await self._repository.get_room(room_id)
 
     async def room_members(self, room_id: UUID) -> tuple[Room, list[Member]]:
         room = await self._repository.get_room(room_id)

@@ -153,7 +153,7 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
     _check_origin(request, config.allowed_origins)
     outage: BackendUnavailable | None = None
     try:
-        await controller.get_room(room_id)  # 404 before any upgrade
+        await controller.check_room(room_id)  # 404 before any upgrade
     except BackendUnavailable as error:
         outage = error  # refused after the upgrade: a browser sees a close code, not a status
     ws = web.WebSocketResponse(
