@@ -23,6 +23,8 @@ MAX_IN_FLIGHT = 8  # messages of one member being stored or published at once
 class RateLimiter:
     """A token bucket: `burst` at once, `rate` a second sustained; rate 0 = no limit."""
 
+    __slots__ = ("_burst", "_rate", "_tokens", "_updated")
+
     def __init__(self, rate: float, burst: int) -> None:
         self._rate = rate
         self._burst = float(burst)
@@ -47,6 +49,22 @@ class Session:
     Delivery never waits for the peer: frames queue here, and a member whose
     queue overflows is disconnected rather than allowed to slow the room down.
     """
+
+    # Thousands of idle members each hold one: slots keep them small.
+    __slots__ = (
+        "_closing",
+        "_joined_payload",
+        "_max_outbox",
+        "_outbox",
+        "_peer",
+        "_writer",
+        "in_flight",
+        "joined",
+        "last_message",
+        "limiter",
+        "member",
+        "room_id",
+    )
 
     def __init__(self, room_id: UUID, member: Member, peer: Peer, config: Config) -> None:
         self.room_id = room_id
@@ -73,6 +91,7 @@ class Session:
             # its first frame must be that `joined`.
             if payload != self._joined_payload:
                 return
+            self._joined_payload = None  # a few hundred bytes a member, for its lifetime
             self.joined.set()
         self.send(payload)
 
