@@ -651,14 +651,7 @@ async def test_a_statement_the_server_cancels_raises_backend_unavailable(
 ) -> None:
     async with asyncio.timeout(WAIT):
         room = await new_room(repository)
-        lock = sa.select(rooms.c.id).where(rooms.c.id == room.id).with_for_update()
-        compiled = lock.compile(dialect=DIALECT)
-        async with (
-            aiopg.connect(dsn, enable_hstore=False) as blocker,
-            blocker.cursor() as cursor,
-            cursor.begin(),
-        ):
-            await cursor.execute(str(compiled), compiled.params)
+        async with room_locked_elsewhere(dsn, room.id):
             joining = asyncio.create_task(repository.add_member(room.id, new_member(), uuid4()))
             waiter = await backend_waiting_for_a_lock(dsn)
             await query(dsn, sa.select(sa.func.pg_cancel_backend(waiter)))
