@@ -161,11 +161,14 @@ class Controller:
 
     async def _record_leave(self, room_id: UUID, member: Member) -> None:
         try:
-            left = await self._repository.remove_member(room_id, member)
+            await self._remove_and_announce(room_id, member)
         except BackendUnavailable as error:
             log.warning("leave of %s not recorded yet: %s", member.id, error)
             self._unrecorded_leaves.append((room_id, member))
-            return
+
+    async def _remove_and_announce(self, room_id: UUID, member: Member) -> None:
+        """Raises BackendUnavailable when the removal is not recorded."""
+        left = await self._repository.remove_member(room_id, member)
         log.info("member left %s room %s", member.id, room_id)
         if left is not None:
             await self._announce(left)
@@ -320,11 +323,8 @@ class Controller:
 
     async def _record_leaves(self) -> None:
         while self._unrecorded_leaves:
-            room_id, member = self._unrecorded_leaves[0]
-            left = await self._repository.remove_member(room_id, member)
+            await self._remove_and_announce(*self._unrecorded_leaves[0])
             self._unrecorded_leaves.pop(0)
-            if left is not None:
-                await self._announce(left)
 
     async def _reap(self) -> None:
         for left in await self._repository.reap_expired_instances():
@@ -352,11 +352,12 @@ HEALTH_CHECK_SECONDS = 2.0
 
 
 def _raise_if_cancelled() -> None:
-    """Re-raise a cancellation that a driver swallowed.
+    """Re-raise a cancellation that an adapter swallowed.
 
-    On Python 3.11, asyncio.wait_for (which aiopg awaits every statement with)
-    returns the result when the statement completes in the same loop iteration
-    as a cancel, dropping the CancelledError; a loop would then never stop.
+    On Python 3.11, asyncio.wait_for with a timeout returns the result when the
+    awaited work completes in the same loop iteration as a cancel, dropping the
+    CancelledError. Our adapters avoid it (asyncio.timeout instead), but a loop
+    that runs for the process's life must not depend on every driver doing so.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
