@@ -295,9 +295,12 @@ async def transactions(dsn: str, message_ids: list[UUID]) -> int:
 
 
 @contextlib.asynccontextmanager
-async def room_locked_elsewhere(dsn: str, room_id: UUID) -> AsyncIterator[None]:
-    """The room's row locked by a transaction of another connection, until the block ends."""
-    lock = sa.select(rooms.c.id).where(rooms.c.id == room_id).with_for_update()
+async def room_locked_elsewhere(
+    dsn: str, room_id: UUID, *, key_share: bool = False
+) -> AsyncIterator[None]:
+    """The room's row locked by a transaction of another connection, until the block ends:
+    FOR UPDATE, or with `key_share` FOR NO KEY UPDATE, as our own writers lock rooms."""
+    lock = sa.select(rooms.c.id).where(rooms.c.id == room_id).with_for_update(key_share=key_share)
     compiled = lock.compile(dialect=DIALECT)
     async with (
         aiopg.connect(dsn, enable_hstore=False) as blocker,
@@ -611,6 +614,38 @@ async def test_add_message_to_a_missing_room_fails_only_that_caller(
         assert isinstance(results.pop(15), RoomNotFound)
         assert [message.message for message in results] == texts  # type: ignore[union-attr]
         assert await history(repository, room.id) == texts
+
+
+async def test_a_lone_message_is_stored_whole_or_refused_for_a_missing_room(
+    repository: PostgresRepository,
+) -> None:
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        member = new_member("Zoë Ω")
+        stored = await repository.add_message(room.id, member, "alone 🦊")
+        assert (stored.room_id, stored.member_id) == (room.id, member.id)
+        assert (stored.member_name, stored.type, stored.message) == (
+            "Zoë Ω",
+            MessageType.CHAT,
+            "alone 🦊",
+        )
+        assert await repository.list_messages(room.id, Page()) == [stored]
+        with pytest.raises(RoomNotFound):
+            await repository.add_message(uuid4(), member, "nowhere")
+
+
+async def test_a_lone_message_waits_for_a_room_another_writer_holds(
+    repository: PostgresRepository, dsn: str
+) -> None:
+    """Room by room, messages commit in `seq` order even across instances: a reader
+    paging with `after` never sees a gap that a slower writer fills in later."""
+    async with asyncio.timeout(WAIT):
+        room = await new_room(repository)
+        async with room_locked_elsewhere(dsn, room.id, key_share=True):
+            sending = asyncio.create_task(repository.add_message(room.id, new_member(), "next"))
+            await backend_waiting_for_a_lock(dsn)
+            assert not sending.done()
+        assert (await sending).message == "next"
 
 
 async def test_group_commit_stores_concurrent_messages_in_few_transactions(
