@@ -648,6 +648,31 @@ async def test_a_lone_message_waits_for_a_room_another_writer_holds(
         assert (await sending).message == "next"
 
 
+async def test_the_writers_statements_are_planned_once_per_connection(dsn: str) -> None:
+    """The writer's statements are prepared on each connection the pool opens, and
+    PostgreSQL settles on one plan for them instead of planning every call."""
+    prepared = sa.table(
+        "pg_prepared_statements", sa.column("name"), sa.column("generic_plans")
+    )
+    statistics = sa.select(prepared.c.name, prepared.c.generic_plans).compile(dialect=DIALECT)
+    async with asyncio.timeout(WAIT), open_postgres_repository(dsn, pool_max=1) as repository:
+        room = await new_room(repository)
+        member = new_member()
+        await repository.add_member(room.id, member, uuid4())
+        for i in range(10):
+            await repository.add_message(room.id, member, f"message {i}")
+        async with repository._pool.acquire() as connection, connection.cursor() as cursor:
+            await cursor.execute(str(statistics))
+            plans = dict(await cursor.fetchall())
+    assert set(plans) == {
+        "sharechat_lock_rooms",
+        "sharechat_apply_changes",
+        "sharechat_insert_messages",
+        "sharechat_insert_message",
+    }
+    assert plans["sharechat_insert_message"] > 0
+
+
 async def test_group_commit_stores_concurrent_messages_in_few_transactions(
     repository: PostgresRepository, dsn: str
 ) -> None:
