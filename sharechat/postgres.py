@@ -31,6 +31,7 @@ import aiopg
 import psycopg2
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import ReturningDelete
 
 from sharechat.domain import (
@@ -128,6 +129,7 @@ class _Statement:
     def prepared(cls, name: str, statement: sa.ClauseElement) -> _Statement:
         """Runs as EXECUTE `name` on connections that _prepare_on has prepared."""
         numbered = statement.compile(dialect=_numbered_dialect)
+        assert isinstance(numbered, SQLCompiler)
         arguments = ", ".join(f"%({param})s" for param in numbered.positiontup or ())
         return cls(
             f"EXECUTE {name}({arguments})", _constants(numbered), f"PREPARE {name} AS {numbered}"
