@@ -362,6 +362,9 @@ class _Publisher:
         self._pending: list[_Publish] = []
         self._wakeup = asyncio.Event()
         self._closed = False
+        # Taken from the pool once and kept: a pool round trip per pipeline (locks,
+        # metrics, events) cost more than the PUBLISH itself on a quiet room.
+        self._conn: AbstractConnection | None = None
 
     async def publish(self, channel: bytes, payload: str) -> None:
         if self._closed:
@@ -384,6 +387,8 @@ class _Publisher:
         finally:
             self._closed = True
             _fail(batch + self._pending, "queue closed")
+            if self._conn is not None:
+                await self._pool.release(self._conn)
 
     async def _send(self, batch: list[_Publish]) -> None:
         # A caller cancelled before its turn has given up: do not publish behind its back.
@@ -403,19 +408,25 @@ class _Publisher:
         """Send the commands in one write, then read every reply, all under one deadline.
 
         Leaner than redis-py's Pipeline, whose per-command bookkeeping showed in profiles.
-        A failure half-way leaves replies unread on the connection, so it is dropped.
+        A failure half-way leaves replies unread on the connection: it is disconnected,
+        and the next pipeline connects it again.
         """
         async with asyncio.timeout(_TIMEOUT):
-            conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            if self._conn is None:
+                self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            conn = self._conn
             try:
+                if conn.is_connected and await conn.can_read():
+                    # Closed by Redis meanwhile (its idle timeout, CLIENT KILL): no reply
+                    # can be due, as every pipeline reads all of its own.
+                    await conn.disconnect()
+                await conn.connect()  # a no-op while connected
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 for _ in commands:
                     await conn.read_response(timeout=math.inf)
             except BaseException:
                 await conn.disconnect(nowait=True)
                 raise
-            finally:
-                await self._pool.release(conn)
 
 
 async def _publish_canaries(
@@ -463,3 +474,4 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     text = str(exc).rstrip(".") or type(exc).__name__
     return text[:1].lower() + text[1:]
+

@@ -346,6 +346,24 @@ async def test_pubsub_connection_killed_by_redis_is_rebuilt(
     assert await receive(queue.received()) == (room, "after")
 
 
+async def test_a_publish_after_redis_closed_the_idle_publisher_connection_succeeds(
+    open_queue: OpenQueue, server: RedisServer
+) -> None:
+    """Redis closes idle clients (its `timeout` setting, CLIENT KILL); the publisher
+    keeps one connection, and must notice before it sends rather than fail a message."""
+    queue = await open_queue(server.url)
+    room = uuid4()
+    await call(queue.subscribe(room))
+    await call(queue.publish(room, "before"))
+    inbox = queue.received()
+    assert await receive(inbox) == (room, "before")
+    async with Redis.from_url(server.url) as admin:
+        killed = await call(admin.client_kill_filter(_type="normal", skipme=True))
+    assert killed >= 1  # the publisher's, and the pool's other idle ones
+    await call(queue.publish(room, "after"))
+    assert await receive(inbox) == (room, "after")
+
+
 async def test_starts_without_redis_and_connects_once_it_is_up(
     open_queue: OpenQueue, tmp_path: Path
 ) -> None:
