@@ -49,6 +49,7 @@ class Controller:
         self._unrecorded_leaves: list[tuple[UUID, Member]] = []
         self._background: set[asyncio.Task[Any]] = set()  # leaves and close handshakes
         self._stopping = asyncio.Event()
+        queue.on_message(self._dispatch)
 
     # -- rooms and history ---------------------------------------------------
 
@@ -265,10 +266,9 @@ class Controller:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Dispatch and housekeeping run while inside; on the way out members leave."""
+        """Housekeeping runs while inside; on the way out members leave."""
         # The lease first: a member of an instance without one counts as dead.
         await self._renew_lease()
-        dispatch = asyncio.create_task(self._dispatch(), name="dispatch")
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         try:
             yield
@@ -278,7 +278,7 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._config.backend_timeout):
                     await asyncio.wait([housekeeping])
-            tasks = [dispatch, housekeeping, *self._background]
+            tasks = [housekeeping, *self._background]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -293,13 +293,13 @@ class Controller:
             async with asyncio.timeout(grace):
                 await self._all_left.wait()
 
-    async def _dispatch(self) -> None:
-        async for room_id, payload in self._queue.received():
-            room = self._rooms.get(room_id)
-            if room is not None:
-                data = payload.encode()  # once for the whole room
-                for session in room.sessions.values():
-                    session.deliver(data)
+    def _dispatch(self, room_id: UUID, payload: str) -> None:
+        """What the queue received for a room: to each of its members here, without waiting."""
+        room = self._rooms.get(room_id)
+        if room is not None:
+            data = payload.encode()  # once for the whole room
+            for session in room.sessions.values():
+                session.deliver(data)
 
     async def _housekeeping(self) -> None:
         config = self._config

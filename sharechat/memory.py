@@ -6,9 +6,7 @@ configured runs on them.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from uuid import UUID, uuid4
 
@@ -21,7 +19,7 @@ from sharechat.domain import (
     RoomNotFound,
     utcnow,
 )
-from sharechat.ports import Page
+from sharechat.ports import Deliver, Page, no_listener
 
 
 @dataclass
@@ -140,17 +138,19 @@ class MemoryRepository:
 class MemoryQueue:
     """Publish hands the payload straight to this process's subscribers."""
 
-    def __init__(self, max_pending: int = 10_000) -> None:
+    def __init__(self) -> None:
         self._subscribed: set[UUID] = set()
-        # Bounded: a publisher waits rather than letting memory grow without limit.
-        self._pending: asyncio.Queue[tuple[UUID, str]] = asyncio.Queue(max_pending)
+        self._deliver: Deliver = no_listener
+
+    def on_message(self, deliver: Deliver, /) -> None:
+        self._deliver = deliver
 
     async def ping(self) -> None:
         return None
 
     async def publish(self, room_id: UUID, payload: str) -> None:
         if room_id in self._subscribed:
-            await self._pending.put((room_id, payload))
+            self._deliver(room_id, payload)
 
     async def subscribe(self, room_id: UUID) -> None:
         self._subscribed.add(room_id)
@@ -158,6 +158,3 @@ class MemoryQueue:
     async def unsubscribe(self, room_id: UUID) -> None:
         self._subscribed.discard(room_id)
 
-    async def received(self) -> AsyncIterator[tuple[UUID, str]]:
-        while True:
-            yield await self._pending.get()

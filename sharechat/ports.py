@@ -6,7 +6,7 @@ repository, the queue and each member's connection through these Protocols.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
@@ -90,6 +90,13 @@ class Repository(Protocol):
         ...
 
 
+Deliver = Callable[[UUID, str], None]
+
+
+def no_listener(room_id: UUID, payload: str) -> None:
+    """The consumer of a queue nobody listens to yet (so nothing is subscribed either)."""
+
+
 class Queue(Protocol):
     """Fan-out of published messages to every instance that serves the room."""
 
@@ -110,8 +117,13 @@ class Queue(Protocol):
 
     async def unsubscribe(self, room_id: UUID) -> None: ...
 
-    def received(self) -> AsyncIterator[tuple[UUID, str]]:
-        """Every payload published to a subscribed room, in publish order per room."""
+    def on_message(self, deliver: Deliver, /) -> None:
+        """Call `deliver(room_id, payload)` for every payload published to a subscribed
+        room, in publish order per room; set once, before the first subscribe.
+
+        It is called from the queue's own reading of the backend, so it must not
+        block: a slow consumer would hold up every room of the instance.
+        """
         ...
 
 

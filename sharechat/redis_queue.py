@@ -19,7 +19,6 @@ import random
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Self
 from uuid import UUID
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -27,6 +26,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from sharechat.domain import BackendUnavailable
+from sharechat.ports import Deliver, no_listener
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ _TIMEOUT = 1.5
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
 _STALL_INTERVALS = 3  # canary intervals without any reply, once Redis took a canary
-_INBOX_SIZE = 10_000
 _MAX_BATCH = 1_000  # publishes per pipeline; the rest go in the next one
 _POOL_SIZE = 8
 
@@ -133,9 +132,8 @@ class RedisQueue:
     async def unsubscribe(self, room_id: UUID) -> None:
         self._subscriber.unsubscribe(self._channel(room_id))
 
-    def received(self) -> AsyncIterator[tuple[UUID, str]]:
-        """Payloads of subscribed rooms, in publish order per room; for one consumer."""
-        return _QueueIterator(self._subscriber.inbox)
+    def on_message(self, deliver: Deliver, /) -> None:
+        self._subscriber.deliver = deliver
 
     def _channel(self, room_id: UUID) -> bytes:
         return f"{self._prefix}room:{room_id}".encode()
@@ -166,10 +164,9 @@ class _Subscriber:
         self._outbox_ready = asyncio.Event()
         self._ready = asyncio.Event()
         self._deadline: asyncio.Timeout | None = None  # of the session, armed by canary_sent()
-        self._consumer_lagging = False
         self._warned = False
         self.down_reason: str | None = "not connected yet"
-        self.inbox: asyncio.Queue[tuple[UUID, str]] = asyncio.Queue(_INBOX_SIZE)
+        self.deliver: Deliver = no_listener
 
     async def ready(self) -> None:
         await self._ready.wait()
@@ -282,7 +279,7 @@ class _Subscriber:
         an event loop too busy to publish canaries is never mistaken for a stall.
         """
         deadline = self._deadline
-        if deadline is not None and deadline.when() is None and not self._consumer_lagging:
+        if deadline is not None and deadline.when() is None:
             deadline.reschedule(asyncio.get_running_loop().time() + self._stall_after)
 
     async def _listen(
@@ -299,23 +296,18 @@ class _Subscriber:
                 if claim is None:
                     continue  # the canary, or a room unsubscribed a moment ago
                 # "replace": one foreign, non-UTF-8 payload must not drop every room's feed.
-                item = (claim.room_id, reply[2].decode(errors="replace"))
-                if self.inbox.full():
-                    await self._wait_for_consumer(item)
-                else:
-                    self.inbox.put_nowait(item)
+                self._hand_over(claim.room_id, reply[2].decode(errors="replace"))
             elif kind == b"subscribe":
                 self._confirmed(channel)
                 if channel == self._canary_channel:
                     self._back(rooms)
 
-    async def _wait_for_consumer(self, item: tuple[UUID, str]) -> None:
-        # A slow consumer is not a stalled subscription: no deadline is armed meanwhile.
-        self._consumer_lagging = True
+    def _hand_over(self, room_id: UUID, payload: str) -> None:
         try:
-            await self.inbox.put(item)
-        finally:
-            self._consumer_lagging = False
+            self.deliver(room_id, payload)
+        except Exception:
+            # A consumer's bug must not take the subscription of every room down with it.
+            log.exception("delivering a message of room %s failed", room_id)
 
     def _confirmed(self, channel: bytes) -> None:
         waiters = self._waiters.get(channel)
@@ -439,19 +431,6 @@ async def _publish_canaries(
             await publisher.publish(channel, "canary")
             subscriber.canary_sent()
         await asyncio.sleep(interval)
-
-
-class _QueueIterator:
-    """Iterates an asyncio.Queue; unlike an async generator, a cancelled wait loses nothing."""
-
-    def __init__(self, queue: asyncio.Queue[tuple[UUID, str]]) -> None:
-        self._queue = queue
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> tuple[UUID, str]:
-        return await self._queue.get()
 
 
 class _Stalled(Exception):

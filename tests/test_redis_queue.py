@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,11 @@ async def open_queue() -> AsyncIterator[OpenQueue]:
         async def open_(url: str = REDIS_URL, **options: Any) -> RedisQueue:
             queue_cm = open_redis_queue(url, prefix=prefix, instance_id=uuid4(), **options)
             async with asyncio.timeout(10):
-                return await stack.enter_async_context(queue_cm)
+                queue = await stack.enter_async_context(queue_cm)
+            inbox: asyncio.Queue[tuple[UUID, str]] = asyncio.Queue()
+            queue.on_message(lambda room_id, payload: inbox.put_nowait((room_id, payload)))
+            _inboxes[queue] = inbox
+            return queue
 
         yield open_
 
@@ -54,6 +59,18 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 def redis_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.INFO, logger="sharechat.redis_queue")
     return caplog
+
+
+_inboxes: weakref.WeakKeyDictionary[RedisQueue, asyncio.Queue[tuple[UUID, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def received(queue: RedisQueue) -> Inbox:
+    """What the queue delivers to its consumer, in order."""
+    inbox = _inboxes[queue]
+    while True:
+        yield await inbox.get()
 
 
 async def receive(inbox: Inbox) -> tuple[UUID, str]:
@@ -94,14 +111,14 @@ async def test_publish_subscribe_round_trip(queue: RedisQueue) -> None:
     payload = '{"message":"héllo ✓ \\"quoted\\""}'
     await call(queue.subscribe(room))
     await call(queue.publish(room, payload))
-    assert await receive(queue.received()) == (room, payload)
+    assert await receive(received(queue)) == (room, payload)
 
 
 async def test_payload_published_right_after_subscribe_is_received(
     open_queue: OpenQueue,
 ) -> None:
     own, other = await open_queue(), await open_queue()
-    inbox = own.received()
+    inbox = received(own)
     for n in range(30):
         room = uuid4()
         await call(own.subscribe(room))
@@ -120,7 +137,7 @@ async def test_two_instances_receive_every_message_in_the_same_order(
 
     orders = []
     for instance in (first, second):
-        inbox = instance.received()
+        inbox = received(instance)
         orders.append([(await receive(inbox))[1] for _ in sent])
     assert orders[0] == orders[1]
     assert sorted(orders[0], key=int) == [text for _, text in sent]
@@ -136,7 +153,7 @@ async def test_unsubscribe_stops_delivery(queue: RedisQueue) -> None:
     await call(queue.unsubscribe(left))
     await call(queue.publish(left, "after unsubscribe"))
     await call(queue.publish(kept, "marker"))
-    assert await receive(queue.received()) == (kept, "marker")
+    assert await receive(received(queue)) == (kept, "marker")
 
 
 async def test_rapid_subscribe_unsubscribe_subscribe_ends_subscribed(queue: RedisQueue) -> None:
@@ -149,7 +166,7 @@ async def test_rapid_subscribe_unsubscribe_subscribe_ends_subscribed(queue: Redi
             queue.subscribe(concurrent), queue.unsubscribe(concurrent), queue.subscribe(concurrent)
         )
     )
-    inbox = queue.received()
+    inbox = received(queue)
     for room in (sequential, concurrent):
         await call(queue.publish(room, "still here"))
         assert await receive(inbox) == (room, "still here")
@@ -170,7 +187,7 @@ async def test_rapid_sequence_ending_with_unsubscribe_ends_unsubscribed(
     )
     await call(queue.publish(room, "nobody listens"))
     await call(queue.publish(marker, "marker"))
-    assert await receive(queue.received()) == (marker, "marker")
+    assert await receive(received(queue)) == (marker, "marker")
 
 
 async def test_cancelled_subscribe_leaves_the_room_unsubscribed_and_others_intact(
@@ -186,20 +203,40 @@ async def test_cancelled_subscribe_leaves_the_room_unsubscribed_and_others_intac
             await call(subscribing)
     await call(queue.publish(cancelled, "nobody listens"))
     await call(queue.publish(kept, "marker"))
-    assert await receive(queue.received()) == (kept, "marker")
+    assert await receive(received(queue)) == (kept, "marker")
     assert "redis lost" not in redis_logs.text
 
 
-async def test_a_slow_consumer_loses_nothing(open_queue: OpenQueue) -> None:
-    # More than the listener buffers, with a canary deadline shorter than the backlog takes.
+async def test_a_long_burst_is_delivered_whole_and_in_order(open_queue: OpenQueue) -> None:
+    # With a canary deadline shorter than the burst takes to read: busy is not stalled.
     queue = await open_queue(canary_interval=0.05)
     room = uuid4()
     await call(queue.subscribe(room))
     count = 12_000
     async with asyncio.timeout(30):
         await asyncio.gather(*(queue.publish(room, str(n)) for n in range(count)))
-        inbox = queue.received()
+        inbox = received(queue)
         assert [(await anext(inbox))[1] for _ in range(count)] == [str(n) for n in range(count)]
+
+
+async def test_a_consumer_that_raises_does_not_stop_the_deliveries(
+    queue: RedisQueue, redis_logs: pytest.LogCaptureFixture
+) -> None:
+    inbox = _inboxes[queue]
+
+    def fussy(room_id: UUID, payload: str) -> None:
+        if payload == "bad":
+            raise RuntimeError("consumer bug")
+        inbox.put_nowait((room_id, payload))
+
+    queue.on_message(fussy)
+    room = uuid4()
+    await call(queue.subscribe(room))
+    await call(queue.publish(room, "bad"))
+    await call(queue.publish(room, "good"))
+    assert await receive(received(queue)) == (room, "good")
+    assert "delivering a message of room" in redis_logs.text
+    assert "redis lost" not in redis_logs.text
 
 
 async def test_rooms_not_subscribed_are_not_delivered(open_queue: OpenQueue) -> None:
@@ -209,8 +246,8 @@ async def test_rooms_not_subscribed_are_not_delivered(open_queue: OpenQueue) -> 
     await call(theirs.subscribe(their_room))
     await call(mine.publish(their_room, "theirs"))
     await call(mine.publish(my_room, "mine"))
-    assert await receive(mine.received()) == (my_room, "mine")
-    assert await receive(theirs.received()) == (their_room, "theirs")
+    assert await receive(received(mine)) == (my_room, "mine")
+    assert await receive(received(theirs)) == (their_room, "theirs")
 
 
 async def test_publish_without_subscribers_succeeds(queue: RedisQueue) -> None:
@@ -263,7 +300,7 @@ async def test_url_with_password_and_database(open_queue: OpenQueue, tmp_path: P
         room = uuid4()
         await call(queue.subscribe(room))
         await call(queue.publish(room, "authenticated"))
-        assert await receive(queue.received()) == (room, "authenticated")
+        assert await receive(received(queue)) == (room, "authenticated")
 
         intruder = await open_queue(secured.url.replace("s3cret", "wrong"))
         assert "redis: " in await unavailable(intruder.ping())
@@ -276,14 +313,14 @@ async def test_rediss_url(open_queue: OpenQueue, tmp_path: Path) -> None:
         room = uuid4()
         await call(queue.subscribe(room))
         await call(queue.publish(room, "encrypted"))
-        assert await receive(queue.received()) == (room, "encrypted")
+        assert await receive(received(queue)) == (room, "encrypted")
 
 
 async def test_outage_is_reported_and_survived(
     open_queue: OpenQueue, server: RedisServer, redis_logs: pytest.LogCaptureFixture
 ) -> None:
     queue = await open_queue(server.url)
-    inbox = queue.received()
+    inbox = received(queue)
     room = uuid4()
     await call(queue.subscribe(room))
     await call(queue.publish(room, "before"))
@@ -310,7 +347,7 @@ async def test_hung_server_is_reported_within_seconds(
     open_queue: OpenQueue, server: RedisServer
 ) -> None:
     queue = await open_queue(server.url)
-    inbox = queue.received()
+    inbox = received(queue)
     room = uuid4()
     await call(queue.subscribe(room))
 
@@ -343,7 +380,7 @@ async def test_pubsub_connection_killed_by_redis_is_rebuilt(
     await eventually(noticed, wait=SETTLE)
     await call(queue.ping())
     await call(queue.publish(room, "after"))
-    assert await receive(queue.received()) == (room, "after")
+    assert await receive(received(queue)) == (room, "after")
 
 
 async def test_a_publish_after_redis_closed_the_idle_publisher_connection_succeeds(
@@ -355,7 +392,7 @@ async def test_a_publish_after_redis_closed_the_idle_publisher_connection_succee
     room = uuid4()
     await call(queue.subscribe(room))
     await call(queue.publish(room, "before"))
-    inbox = queue.received()
+    inbox = received(queue)
     assert await receive(inbox) == (room, "before")
     async with Redis.from_url(server.url) as admin:
         killed = await call(admin.client_kill_filter(_type="normal", skipme=True))
@@ -377,7 +414,7 @@ async def test_starts_without_redis_and_connects_once_it_is_up(
         room = uuid4()
         await call(queue.subscribe(room))
         await call(queue.publish(room, "hello"))
-        assert await receive(queue.received()) == (room, "hello")
+        assert await receive(received(queue)) == (room, "hello")
     finally:
         server.kill()
 
@@ -389,7 +426,7 @@ async def test_stalled_subscription_is_detected_and_rebuilt(
     await call(proxy.start())
     try:
         queue = await open_queue(proxy.url, canary_interval=0.1)
-        inbox = queue.received()
+        inbox = received(queue)
         room = uuid4()
         await call(queue.subscribe(room))
         await call(queue.publish(room, "before"))
