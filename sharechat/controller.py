@@ -23,7 +23,7 @@ from sharechat.domain import (
     failed_message,
 )
 from sharechat.ports import Page, Peer, Queue, Repository
-from sharechat.session import CLOSE_GOING_AWAY, Session
+from sharechat.session import CLOSE_GOING_AWAY, Flusher, Session
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class Controller:
         self._unrecorded_leaves: list[tuple[UUID, Member]] = []
         self._background: set[asyncio.Task[Any]] = set()  # leaves and close handshakes
         self._stopping = asyncio.Event()
+        self._flusher = Flusher()
         queue.on_message(self._dispatch)
 
     # -- rooms and history ---------------------------------------------------
@@ -83,7 +84,7 @@ class Controller:
         Raises RoomNotFound or BackendUnavailable; then the member never existed.
         """
         member = Member(id=uuid4(), name=names.member_name())
-        session = Session(room_id, member, peer, self._config)
+        session = Session(room_id, member, peer, self._config, self._flusher)
         room = self._enter(session)
         stored: Message | None = None
         try:
@@ -93,7 +94,7 @@ class Controller:
             session.expect_joined(payload.encode())
             await self._queue.publish(room_id, payload)
             async with asyncio.timeout(self._config.backend_timeout):
-                await session.joined.wait()
+                await session.joined()
         except BaseException as error:
             await self._undo_join(session, stored)
             if isinstance(error, TimeoutError):

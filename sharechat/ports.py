@@ -130,11 +130,16 @@ class Queue(Protocol):
 class Peer(Protocol):
     """One member's connection."""
 
-    async def send_texts(self, texts: Sequence[bytes], /) -> None:
-        """Send each UTF-8 text as one message, in order, in as few writes as possible.
+    def write_texts(self, texts: Sequence[bytes], /) -> bool:
+        """Send each UTF-8 text as one message, in order, in one write, without waiting.
 
-        Returns once the connection can take more; raises ConnectionError once it is gone.
+        Returns False when the connection holds unsent data: then drain() before the
+        next write. Raises ConnectionError once the connection is gone.
         """
+        ...
+
+    async def drain(self) -> None:
+        """Return once the connection can take more; raise ConnectionError once it is gone."""
         ...
 
     async def close(self, *, code: int, message: bytes) -> None:

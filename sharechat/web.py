@@ -196,11 +196,17 @@ class WebSocketPeer:
         self._request = request
         self._writer = writer
 
-    async def send_texts(self, texts: Sequence[bytes], /) -> None:
+    def write_texts(self, texts: Sequence[bytes], /) -> bool:
         transport = self._request.transport
         if self._ws.closed or transport is None or transport.is_closing():
             raise ConnectionResetError("websocket closed")
         transport.writelines([part for text in texts for part in (_text_header(text), text)])
+        # Whatever the socket did not take waits in the transport: the peer is behind.
+        return not transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        if self._ws.closed:
+            raise ConnectionResetError("websocket closed")
         await self._writer.drain()  # waits only while the transport is over its high-water mark
 
     async def close(self, *, code: int, message: bytes) -> None:
