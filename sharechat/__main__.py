@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -46,9 +47,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(config: settings.Config) -> int:
+    _tune_garbage_collector()
     with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
         runner.run(_run_until_signalled(config))
     return 0
+
+
+def _tune_garbage_collector() -> None:
+    """Collect cycles less often, and never look at what start-up made again.
+
+    A busy server allocates a task, futures and messages per chat message; at the
+    default threshold (700) the collector runs hundreds of times a second and
+    now and then walks the whole heap, holding every room up for milliseconds.
+    Measured with the benchmark (many rooms, PostgreSQL + Redis): p99 170-200 ms
+    -> 129-135 ms at 15-16k -> 18k acked/s. Little garbage here is cyclic, so
+    memory stays flat.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def _fastest_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
