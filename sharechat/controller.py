@@ -91,7 +91,7 @@ class Controller:
             await asyncio.shield(room.subscription)
             stored = await self._repository.add_member(room_id, member, self.instance_id)
             payload = stored.to_json()
-            session.expect_joined(payload.encode())
+            session.expect_joined(payload)
             await self._queue.publish(room_id, payload)
             async with asyncio.timeout(self._config.backend_timeout):
                 await session.joined()
@@ -141,7 +141,7 @@ class Controller:
 
     def reject(self, session: Session, reason: str) -> None:
         """A `failed` message for the sender alone."""
-        session.send(failed_message(session.room_id, session.member, reason).to_json().encode())
+        session.send(failed_message(session.room_id, session.member, reason).to_json())
 
     async def leave(self, session: Session) -> None:
         """Remove the member for good and tell the room; once per joined session.
@@ -294,13 +294,12 @@ class Controller:
             async with asyncio.timeout(grace):
                 await self._all_left.wait()
 
-    def _dispatch(self, room_id: UUID, payload: str) -> None:
+    def _dispatch(self, room_id: UUID, payload: bytes) -> None:
         """What the queue received for a room: to each of its members here, without waiting."""
         room = self._rooms.get(room_id)
         if room is not None:
-            data = payload.encode()  # once for the whole room
             for session in room.sessions.values():
-                session.deliver(data)
+                session.deliver(payload)  # the same bytes for all of them
 
     async def _housekeeping(self) -> None:
         config = self._config

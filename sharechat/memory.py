@@ -148,7 +148,7 @@ class MemoryQueue:
     async def ping(self) -> None:
         return None
 
-    async def publish(self, room_id: UUID, payload: str) -> None:
+    async def publish(self, room_id: UUID, payload: bytes) -> None:
         if room_id in self._subscribed:
             self._deliver(room_id, payload)
 

@@ -90,10 +90,10 @@ class Repository(Protocol):
         ...
 
 
-Deliver = Callable[[UUID, str], None]
+Deliver = Callable[[UUID, bytes], None]
 
 
-def no_listener(room_id: UUID, payload: str) -> None:
+def no_listener(room_id: UUID, payload: bytes) -> None:
     """The consumer of a queue nobody listens to yet (so nothing is subscribed either)."""
 
 
@@ -102,7 +102,7 @@ class Queue(Protocol):
 
     async def ping(self) -> None: ...
 
-    async def publish(self, room_id: UUID, payload: str) -> None:
+    async def publish(self, room_id: UUID, payload: bytes) -> None:
         """Deliver in call order (queued before the first await).
 
         Raises BackendUnavailable; the caller then treats the payload as not

@@ -119,7 +119,7 @@ class RedisQueue:
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"redis: {_describe(exc)}") from exc
 
-    async def publish(self, room_id: UUID, payload: str) -> None:
+    async def publish(self, room_id: UUID, payload: bytes) -> None:
         await self._publisher.publish(self._channel(room_id), payload)
 
     async def subscribe(self, room_id: UUID) -> None:
@@ -295,14 +295,13 @@ class _Subscriber:
                 claim = self._rooms.get(channel)
                 if claim is None:
                     continue  # the canary, or a room unsubscribed a moment ago
-                # "replace": one foreign, non-UTF-8 payload must not drop every room's feed.
-                self._hand_over(claim.room_id, reply[2].decode(errors="replace"))
+                self._hand_over(claim.room_id, _utf8(reply[2]))
             elif kind == b"subscribe":
                 self._confirmed(channel)
                 if channel == self._canary_channel:
                     self._back(rooms)
 
-    def _hand_over(self, room_id: UUID, payload: str) -> None:
+    def _hand_over(self, room_id: UUID, payload: bytes) -> None:
         try:
             self.deliver(room_id, payload)
         except Exception:
@@ -343,7 +342,7 @@ class _Subscriber:
         self._waiters.clear()
 
 
-_Publish = tuple[bytes, str, asyncio.Future[None]]
+_Publish = tuple[bytes, bytes, asyncio.Future[None]]
 
 
 class _Publisher:
@@ -358,7 +357,7 @@ class _Publisher:
         # metrics, events) cost more than the PUBLISH itself on a quiet room.
         self._conn: AbstractConnection | None = None
 
-    async def publish(self, channel: bytes, payload: str) -> None:
+    async def publish(self, channel: bytes, payload: bytes) -> None:
         if self._closed:
             raise BackendUnavailable("redis: queue closed")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -396,7 +395,7 @@ class _Publisher:
             if not done.done():
                 done.set_result(None)
 
-    async def _pipeline(self, commands: list[tuple[bytes, bytes, str]]) -> None:
+    async def _pipeline(self, commands: list[tuple[bytes, bytes, bytes]]) -> None:
         """Send the commands in one write, then read every reply, all under one deadline.
 
         Leaner than redis-py's Pipeline, whose per-command bookkeeping showed in profiles.
@@ -428,7 +427,7 @@ async def _publish_canaries(
         # A canary Redis refuses proves nothing about the subscription: the listener sees
         # an outage by itself, and ping() reports it.
         with contextlib.suppress(BackendUnavailable):
-            await publisher.publish(channel, "canary")
+            await publisher.publish(channel, b"canary")
             subscriber.canary_sent()
         await asyncio.sleep(interval)
 
@@ -454,3 +453,12 @@ def _describe(exc: BaseException) -> str:
     text = str(exc).rstrip(".") or type(exc).__name__
     return text[:1].lower() + text[1:]
 
+
+def _utf8(payload: bytes) -> bytes:
+    """Members get payloads as text frames: a foreign, non-UTF-8 one is repaired, not
+    passed on, as a browser fails the whole connection on invalid UTF-8."""
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        return payload.decode(errors="replace").encode()
+    return payload

@@ -99,16 +99,18 @@ async def get_messages(request: web.Request) -> web.Response:
     room_id = _room_id(request)
     page = _page(request.query)
     messages = await request.app[CONTROLLER].history(room_id, page)
-    return _json_text(_message_array(messages))
+    return web.Response(
+        body=_message_array(messages), content_type="application/json", charset="utf-8"
+    )
 
 
 def _members(members: list[Member]) -> list[dict[str, str]]:
     return [member.to_dict() for member in members]
 
 
-def _message_array(messages: list[Message]) -> str:
-    # The same text per message as the websocket frames carry.
-    return "[" + ",".join(message.to_json() for message in messages) + "]"
+def _message_array(messages: list[Message]) -> bytes:
+    # The same bytes per message as the websocket frames carry.
+    return b"[" + b",".join(message.to_json() for message in messages) + b"]"
 
 
 def _room_id(request: web.Request) -> UUID:

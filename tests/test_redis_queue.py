@@ -22,7 +22,7 @@ from tests.redis_support import REDIS_URL, RedisServer, StallingProxy, redis_ser
 pytestmark = pytest.mark.services  # real PostgreSQL/Redis: see conftest --backends
 
 OpenQueue = Callable[..., Awaitable[RedisQueue]]
-Inbox = AsyncIterator[tuple[UUID, str]]
+Inbox = AsyncIterator[tuple[UUID, bytes]]
 SETTLE = 10.0  # seconds a queue may take to get where a test waits for it (load, loss, return)
 
 
@@ -36,7 +36,7 @@ async def open_queue() -> AsyncIterator[OpenQueue]:
             queue_cm = open_redis_queue(url, prefix=prefix, instance_id=uuid4(), **options)
             async with asyncio.timeout(10):
                 queue = await stack.enter_async_context(queue_cm)
-            inbox: asyncio.Queue[tuple[UUID, str]] = asyncio.Queue()
+            inbox: asyncio.Queue[tuple[UUID, bytes]] = asyncio.Queue()
             queue.on_message(lambda room_id, payload: inbox.put_nowait((room_id, payload)))
             _inboxes[queue] = inbox
             return queue
@@ -61,7 +61,7 @@ def redis_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
-_inboxes: weakref.WeakKeyDictionary[RedisQueue, asyncio.Queue[tuple[UUID, str]]] = (
+_inboxes: weakref.WeakKeyDictionary[RedisQueue, asyncio.Queue[tuple[UUID, bytes]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -73,7 +73,7 @@ async def received(queue: RedisQueue) -> Inbox:
         yield await inbox.get()
 
 
-async def receive(inbox: Inbox) -> tuple[UUID, str]:
+async def receive(inbox: Inbox) -> tuple[UUID, bytes]:
     async with asyncio.timeout(5):
         return await anext(inbox)
 
@@ -108,7 +108,7 @@ async def answers(queue: RedisQueue) -> bool:
 
 async def test_publish_subscribe_round_trip(queue: RedisQueue) -> None:
     room = uuid4()
-    payload = '{"message":"héllo ✓ \\"quoted\\""}'
+    payload = '{"message":"héllo ✓ \\"quoted\\""}'.encode()
     await call(queue.subscribe(room))
     await call(queue.publish(room, payload))
     assert await receive(received(queue)) == (room, payload)
@@ -122,8 +122,8 @@ async def test_payload_published_right_after_subscribe_is_received(
     for n in range(30):
         room = uuid4()
         await call(own.subscribe(room))
-        await call((own if n % 2 else other).publish(room, f"first {n}"))
-        assert await receive(inbox) == (room, f"first {n}")
+        await call((own if n % 2 else other).publish(room, f"first {n}".encode()))
+        assert await receive(inbox) == (room, f"first {n}".encode())
 
 
 async def test_two_instances_receive_every_message_in_the_same_order(
@@ -132,7 +132,7 @@ async def test_two_instances_receive_every_message_in_the_same_order(
     first, second = await open_queue(), await open_queue()
     room = uuid4()
     await call(asyncio.gather(first.subscribe(room), second.subscribe(room)))
-    sent = [(first if n % 2 else second, f"{n}") for n in range(200)]
+    sent = [(first if n % 2 else second, f"{n}".encode()) for n in range(200)]
     await call(asyncio.gather(*(sender.publish(room, text) for sender, text in sent)))
 
     orders = []
@@ -151,9 +151,9 @@ async def test_unsubscribe_stops_delivery(queue: RedisQueue) -> None:
     left, kept = uuid4(), uuid4()
     await call(asyncio.gather(queue.subscribe(left), queue.subscribe(kept)))
     await call(queue.unsubscribe(left))
-    await call(queue.publish(left, "after unsubscribe"))
-    await call(queue.publish(kept, "marker"))
-    assert await receive(received(queue)) == (kept, "marker")
+    await call(queue.publish(left, b"after unsubscribe"))
+    await call(queue.publish(kept, b"marker"))
+    assert await receive(received(queue)) == (kept, b"marker")
 
 
 async def test_rapid_subscribe_unsubscribe_subscribe_ends_subscribed(queue: RedisQueue) -> None:
@@ -168,8 +168,8 @@ async def test_rapid_subscribe_unsubscribe_subscribe_ends_subscribed(queue: Redi
     )
     inbox = received(queue)
     for room in (sequential, concurrent):
-        await call(queue.publish(room, "still here"))
-        assert await receive(inbox) == (room, "still here")
+        await call(queue.publish(room, b"still here"))
+        assert await receive(inbox) == (room, b"still here")
 
 
 async def test_rapid_sequence_ending_with_unsubscribe_ends_unsubscribed(
@@ -185,9 +185,9 @@ async def test_rapid_sequence_ending_with_unsubscribe_ends_unsubscribed(
             queue.unsubscribe(room),
         )
     )
-    await call(queue.publish(room, "nobody listens"))
-    await call(queue.publish(marker, "marker"))
-    assert await receive(received(queue)) == (marker, "marker")
+    await call(queue.publish(room, b"nobody listens"))
+    await call(queue.publish(marker, b"marker"))
+    assert await receive(received(queue)) == (marker, b"marker")
 
 
 async def test_cancelled_subscribe_leaves_the_room_unsubscribed_and_others_intact(
@@ -201,9 +201,9 @@ async def test_cancelled_subscribe_leaves_the_room_unsubscribed_and_others_intac
         subscribing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call(subscribing)
-    await call(queue.publish(cancelled, "nobody listens"))
-    await call(queue.publish(kept, "marker"))
-    assert await receive(received(queue)) == (kept, "marker")
+    await call(queue.publish(cancelled, b"nobody listens"))
+    await call(queue.publish(kept, b"marker"))
+    assert await receive(received(queue)) == (kept, b"marker")
     assert "redis lost" not in redis_logs.text
 
 
@@ -214,9 +214,23 @@ async def test_a_long_burst_is_delivered_whole_and_in_order(open_queue: OpenQueu
     await call(queue.subscribe(room))
     count = 12_000
     async with asyncio.timeout(30):
-        await asyncio.gather(*(queue.publish(room, str(n)) for n in range(count)))
+        await asyncio.gather(*(queue.publish(room, b"%d" % n) for n in range(count)))
         inbox = received(queue)
-        assert [(await anext(inbox))[1] for _ in range(count)] == [str(n) for n in range(count)]
+        assert [(await anext(inbox))[1] for _ in range(count)] == [b"%d" % n for n in range(count)]
+
+
+async def test_a_foreign_payload_that_is_not_utf8_is_repaired_not_passed_on(
+    queue: RedisQueue,
+) -> None:
+    """Members get payloads as text frames, and invalid UTF-8 fails a browser's socket."""
+    room = uuid4()
+    await call(queue.subscribe(room))
+    async with Redis.from_url(REDIS_URL) as stranger:
+        await call(stranger.publish(queue._channel(room), b"caf\xe9 \xff"))
+    await call(queue.publish(room, b"ours"))
+    inbox = received(queue)
+    assert await receive(inbox) == (room, "caf\ufffd \ufffd".encode())
+    assert await receive(inbox) == (room, b"ours")
 
 
 async def test_a_consumer_that_raises_does_not_stop_the_deliveries(
@@ -224,17 +238,17 @@ async def test_a_consumer_that_raises_does_not_stop_the_deliveries(
 ) -> None:
     inbox = _inboxes[queue]
 
-    def fussy(room_id: UUID, payload: str) -> None:
-        if payload == "bad":
+    def fussy(room_id: UUID, payload: bytes) -> None:
+        if payload == b"bad":
             raise RuntimeError("consumer bug")
         inbox.put_nowait((room_id, payload))
 
     queue.on_message(fussy)
     room = uuid4()
     await call(queue.subscribe(room))
-    await call(queue.publish(room, "bad"))
-    await call(queue.publish(room, "good"))
-    assert await receive(received(queue)) == (room, "good")
+    await call(queue.publish(room, b"bad"))
+    await call(queue.publish(room, b"good"))
+    assert await receive(received(queue)) == (room, b"good")
     assert "delivering a message of room" in redis_logs.text
     assert "redis lost" not in redis_logs.text
 
@@ -244,14 +258,14 @@ async def test_rooms_not_subscribed_are_not_delivered(open_queue: OpenQueue) -> 
     my_room, their_room = uuid4(), uuid4()
     await call(mine.subscribe(my_room))
     await call(theirs.subscribe(their_room))
-    await call(mine.publish(their_room, "theirs"))
-    await call(mine.publish(my_room, "mine"))
-    assert await receive(received(mine)) == (my_room, "mine")
-    assert await receive(received(theirs)) == (their_room, "theirs")
+    await call(mine.publish(their_room, b"theirs"))
+    await call(mine.publish(my_room, b"mine"))
+    assert await receive(received(mine)) == (my_room, b"mine")
+    assert await receive(received(theirs)) == (their_room, b"theirs")
 
 
 async def test_publish_without_subscribers_succeeds(queue: RedisQueue) -> None:
-    await call(queue.publish(uuid4(), "into the void"))
+    await call(queue.publish(uuid4(), b"into the void"))
 
 
 async def test_ping_ok(queue: RedisQueue) -> None:
@@ -262,7 +276,7 @@ async def test_closing_stops_every_task() -> None:
     async with open_redis_queue(REDIS_URL, prefix=unique_prefix(), instance_id=uuid4()) as queue:
         await call(queue.ping())
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("redis-queue")]
-    assert "closed" in await unavailable(queue.publish(uuid4(), "too late"))
+    assert "closed" in await unavailable(queue.publish(uuid4(), b"too late"))
 
 
 async def test_closing_under_load_stops_every_task() -> None:
@@ -282,7 +296,7 @@ async def close_under_load() -> None:
             nonlocal published
             with contextlib.suppress(BackendUnavailable):
                 while True:
-                    await queue.publish(uuid4(), "load")
+                    await queue.publish(uuid4(), b"load")
                     published += 1
 
         async def under_load() -> bool:
@@ -299,8 +313,8 @@ async def test_url_with_password_and_database(open_queue: OpenQueue, tmp_path: P
         await call(queue.ping())
         room = uuid4()
         await call(queue.subscribe(room))
-        await call(queue.publish(room, "authenticated"))
-        assert await receive(received(queue)) == (room, "authenticated")
+        await call(queue.publish(room, b"authenticated"))
+        assert await receive(received(queue)) == (room, b"authenticated")
 
         intruder = await open_queue(secured.url.replace("s3cret", "wrong"))
         assert "redis: " in await unavailable(intruder.ping())
@@ -312,8 +326,8 @@ async def test_rediss_url(open_queue: OpenQueue, tmp_path: Path) -> None:
         await call(queue.ping())
         room = uuid4()
         await call(queue.subscribe(room))
-        await call(queue.publish(room, "encrypted"))
-        assert await receive(received(queue)) == (room, "encrypted")
+        await call(queue.publish(room, b"encrypted"))
+        assert await receive(received(queue)) == (room, b"encrypted")
 
 
 async def test_outage_is_reported_and_survived(
@@ -323,22 +337,22 @@ async def test_outage_is_reported_and_survived(
     inbox = received(queue)
     room = uuid4()
     await call(queue.subscribe(room))
-    await call(queue.publish(room, "before"))
-    assert await receive(inbox) == (room, "before")
+    await call(queue.publish(room, b"before"))
+    assert await receive(inbox) == (room, b"before")
 
     server.kill()
     assert (await unavailable(queue.ping())).startswith("redis: ")
-    assert await unavailable(queue.publish(room, "during")) == "redis: connection refused"
+    assert await unavailable(queue.publish(room, b"during")) == "redis: connection refused"
     concurrent = await call(
-        asyncio.gather(*(queue.publish(room, "during") for _ in range(5)), return_exceptions=True)
+        asyncio.gather(*(queue.publish(room, b"during") for _ in range(5)), return_exceptions=True)
     )
     assert all(isinstance(result, BackendUnavailable) for result in concurrent)
     await unavailable(queue.subscribe(uuid4()))
 
     server.start()
     await eventually(lambda: answers(queue), wait=SETTLE)
-    await call(queue.publish(room, "after"))
-    assert await receive(inbox) == (room, "after")
+    await call(queue.publish(room, b"after"))
+    assert await receive(inbox) == (room, b"after")
     assert "redis lost: connection closed by server" in redis_logs.text
     assert "redis back: resubscribed 1 rooms" in redis_logs.text
 
@@ -354,15 +368,15 @@ async def test_hung_server_is_reported_within_seconds(
     server.freeze()
     try:
         assert await unavailable(queue.ping()) == "redis: ping timed out"
-        assert await unavailable(queue.publish(room, "during")) == "redis: timed out"
+        assert await unavailable(queue.publish(room, b"during")) == "redis: timed out"
     finally:
         server.thaw()
     await eventually(lambda: answers(queue), wait=SETTLE)
-    await call(queue.publish(room, "after"))
+    await call(queue.publish(room, b"after"))
     # A timeout cannot tell whether Redis got the command: the thawed server may still
     # run the PUBLISH it had buffered.
-    while (message := await receive(inbox)) != (room, "after"):
-        assert message == (room, "during")
+    while (message := await receive(inbox)) != (room, b"after"):
+        assert message == (room, b"during")
 
 
 async def test_pubsub_connection_killed_by_redis_is_rebuilt(
@@ -379,8 +393,8 @@ async def test_pubsub_connection_killed_by_redis_is_rebuilt(
 
     await eventually(noticed, wait=SETTLE)
     await call(queue.ping())
-    await call(queue.publish(room, "after"))
-    assert await receive(received(queue)) == (room, "after")
+    await call(queue.publish(room, b"after"))
+    assert await receive(received(queue)) == (room, b"after")
 
 
 async def test_a_publish_after_redis_closed_the_idle_publisher_connection_succeeds(
@@ -391,14 +405,14 @@ async def test_a_publish_after_redis_closed_the_idle_publisher_connection_succee
     queue = await open_queue(server.url)
     room = uuid4()
     await call(queue.subscribe(room))
-    await call(queue.publish(room, "before"))
+    await call(queue.publish(room, b"before"))
     inbox = received(queue)
-    assert await receive(inbox) == (room, "before")
+    assert await receive(inbox) == (room, b"before")
     async with Redis.from_url(server.url) as admin:
         killed = await call(admin.client_kill_filter(_type="normal", skipme=True))
     assert killed >= 1  # the publisher's, and the pool's other idle ones
-    await call(queue.publish(room, "after"))
-    assert await receive(inbox) == (room, "after")
+    await call(queue.publish(room, b"after"))
+    assert await receive(inbox) == (room, b"after")
 
 
 async def test_starts_without_redis_and_connects_once_it_is_up(
@@ -413,8 +427,8 @@ async def test_starts_without_redis_and_connects_once_it_is_up(
         await eventually(lambda: answers(queue), wait=SETTLE)
         room = uuid4()
         await call(queue.subscribe(room))
-        await call(queue.publish(room, "hello"))
-        assert await receive(received(queue)) == (room, "hello")
+        await call(queue.publish(room, b"hello"))
+        assert await receive(received(queue)) == (room, b"hello")
     finally:
         server.kill()
 
@@ -429,8 +443,8 @@ async def test_stalled_subscription_is_detected_and_rebuilt(
         inbox = received(queue)
         room = uuid4()
         await call(queue.subscribe(room))
-        await call(queue.publish(room, "before"))
-        assert await receive(inbox) == (room, "before")
+        await call(queue.publish(room, b"before"))
+        assert await receive(inbox) == (room, b"before")
 
         # Only the pub/sub connection goes silent: PING and PUBLISH still work, so the
         # canary is the one thing that can tell.
@@ -441,8 +455,8 @@ async def test_stalled_subscription_is_detected_and_rebuilt(
 
         await eventually(reports_stall, wait=SETTLE)
         await eventually(lambda: answers(queue), wait=SETTLE)
-        await call(queue.publish(room, "after"))
-        assert await receive(inbox) == (room, "after")
+        await call(queue.publish(room, b"after"))
+        assert await receive(inbox) == (room, b"after")
         assert "redis lost: subscription stalled" in redis_logs.text
         assert "redis back: resubscribed 1 rooms" in redis_logs.text
     finally:
