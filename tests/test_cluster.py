@@ -212,7 +212,13 @@ async def test_history_survives_a_restart(
             await ws.send_str(text)
             await receive_json(ws)
         await ws.close()
-        before = await get_json(session, f"{server.url}/api/room/{room}/messages")
+        history = f"{server.url}/api/room/{room}/messages"
+
+        async def member_left() -> bool:
+            return (await get_json(session, history))[-1]["type"] == "left"
+
+        await eventually(member_left)  # the leave is recorded once the close is seen
+        before = await get_json(session, history)
         server.signal(signal.SIGTERM)
         assert await server.wait_exit(within=10) == 0
     async with running_servers(1, env) as (server,):
