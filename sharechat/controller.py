@@ -100,7 +100,7 @@ class Controller:
             if isinstance(error, TimeoutError):
                 raise BackendUnavailable("queue did not deliver the joined message") from error
             raise
-        log.info("member joined %s %r room %s", member.id, member.name, room_id)
+        log.debug("member joined %s %r room %s", member.id, member.name, room_id)
         return session
 
     async def say(self, session: Session, text: str) -> None:
@@ -171,7 +171,7 @@ class Controller:
     async def _remove_and_announce(self, room_id: UUID, member: Member) -> None:
         """Raises BackendUnavailable when the removal is not recorded."""
         left = await self._repository.remove_member(room_id, member)
-        log.info("member left %s room %s", member.id, room_id)
+        log.debug("member left %s room %s", member.id, room_id)
         if left is not None:
             await self._announce(left)
 
