@@ -1,4 +1,4 @@
-"""The PostgreSQL repository: Core tables, statements compiled once, an aiopg pool.
+"""The PostgreSQL repository: the statements of statements.py on an aiopg pool.
 
 Locking, in one sentence: everything that adds or removes a member or stores a
 message first locks its room row (FOR NO KEY UPDATE, several rooms in id order),
@@ -30,13 +30,9 @@ from uuid import UUID, uuid4
 import aiopg
 import orjson
 import psycopg2
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.dml import ReturningDelete
 
+from sharechat import statements
 from sharechat.domain import (
-    STORED_TYPES,
     BackendUnavailable,
     Member,
     Message,
@@ -48,407 +44,6 @@ from sharechat.domain import (
 from sharechat.ports import Page
 
 log = logging.getLogger(__name__)
-
-metadata = sa.MetaData()
-
-message_type = postgresql.ENUM(
-    *(kind.value for kind in STORED_TYPES), name="message_type", create_type=False
-)
-
-rooms = sa.Table(
-    "rooms",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column("name", sa.Text, nullable=False),
-    sa.Column("created", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("emptied_at", sa.DateTime(timezone=True), nullable=True),
-)
-sa.Index(
-    "rooms_emptied_at_idx",
-    rooms.c.emptied_at,
-    postgresql_where=rooms.c.emptied_at.is_not(None),
-)
-
-members = sa.Table(
-    "members",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column("room_id", sa.Uuid, sa.ForeignKey("rooms.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("name", sa.Text, nullable=False),
-    sa.Column("instance_id", sa.Uuid, nullable=False),
-    sa.Column("joined", sa.DateTime(timezone=True), nullable=False),
-    sa.Index("members_room_id_idx", "room_id"),
-    sa.Index("members_instance_id_idx", "instance_id"),
-)
-
-messages = sa.Table(
-    "messages",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False),
-    sa.Column("room_id", sa.Uuid, sa.ForeignKey("rooms.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("member_id", sa.Uuid, nullable=False),
-    sa.Column("member_name", sa.Text, nullable=False),
-    sa.Column("type", message_type, nullable=False),
-    sa.Column("message", sa.Text, nullable=False),
-    sa.Column("sent", sa.DateTime(timezone=True), nullable=False),
-    sa.Index("messages_room_id_seq_idx", "room_id", "seq"),
-)
-
-instances = sa.Table(
-    "instances",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column("lease_expires", sa.DateTime(timezone=True), nullable=False),
-)
-
-_dialect = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]
-# The same, with $1, $2, ... placeholders: the form PREPARE takes.
-_numbered_dialect = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
-_MAX_SEQ = 2**63 - 1
-
-
-@dataclass(frozen=True, slots=True)
-class _Statement:
-    """A statement compiled once for psycopg2; `constants` are the binds Core made itself.
-
-    A hot one is also prepared on every connection (see _prepare_on): PostgreSQL
-    then parses and plans it once per connection instead of once per call, a
-    tenth of a millisecond of the ~0.4 that storing a lone message takes.
-    """
-
-    sql: str
-    constants: dict[str, Any]
-    preparation: str | None = None
-
-    @classmethod
-    def compile(cls, statement: sa.ClauseElement) -> _Statement:
-        compiled = statement.compile(dialect=_dialect)
-        return cls(str(compiled), _constants(compiled))
-
-    @classmethod
-    def prepared(cls, name: str, statement: sa.ClauseElement) -> _Statement:
-        """Runs as EXECUTE `name` on connections that _prepare_on has prepared."""
-        numbered = statement.compile(dialect=_numbered_dialect)
-        assert isinstance(numbered, SQLCompiler)
-        arguments = ", ".join(f"%({param})s" for param in numbered.positiontup or ())
-        return cls(
-            f"EXECUTE {name}({arguments})", _constants(numbered), f"PREPARE {name} AS {numbered}"
-        )
-
-    async def run(self, cursor: aiopg.Cursor, /, **params: Any) -> None:
-        await cursor.execute(self.sql, {**self.constants, **params})
-
-
-def _constants(compiled: sa.Compiled) -> dict[str, Any]:
-    return {name: value for name, value in compiled.params.items() if value is not None}
-
-
-def _uuids(name: str) -> sa.Cast[Any]:
-    """An array of uuids, sent as text: psycopg2 quotes a list of str in C, while
-    its uuid adapter is Python code called per element (half the cost of a batch)."""
-    as_text = sa.cast(sa.bindparam(name), postgresql.ARRAY(sa.Text))
-    return sa.cast(as_text, postgresql.ARRAY(sa.Uuid))
-
-
-def _texts(name: str) -> sa.Cast[Any]:
-    return sa.cast(sa.bindparam(name), postgresql.ARRAY(sa.Text))
-
-
-def _locked_rooms(which: sa.ColumnElement[bool]) -> sa.Select[tuple[UUID]]:
-    """Lock rooms in id order, so that two transactions never wait on each other in a cycle."""
-    return sa.select(rooms.c.id).where(which).order_by(rooms.c.id).with_for_update(key_share=True)
-
-
-def _drafts() -> sa.CTE:
-    """The messages to store, from one JSON parameter: an array of objects, each
-    with its position `n` in the batch.
-
-    One parameter rather than an array per column: psycopg2 adapts every element
-    of an array by a call of its own, while orjson writes the whole batch at C speed.
-    """
-    rows = (
-        sa.func.json_to_recordset(sa.cast(sa.bindparam("drafts"), sa.JSON))
-        .table_valued(
-            sa.column("n", sa.Integer),
-            sa.column("id", sa.Uuid),
-            sa.column("room_id", sa.Uuid),
-            sa.column("member_id", sa.Uuid),
-            sa.column("member_name", sa.Text),
-            sa.column("type", sa.Text),
-            sa.column("message", sa.Text),
-        )
-        .render_derived(name="draft", with_types=True)
-    )
-    return sa.select(rows).cte("new")
-
-
-def _message_rows(new: sa.CTE) -> sa.Select[Any]:
-    return sa.select(
-        new.c.id,
-        new.c.room_id,
-        new.c.member_id,
-        new.c.member_name,
-        sa.cast(new.c.type, message_type),
-        new.c.message,
-        # Evaluated per row after the ORDER BY, so `sent` follows `seq`.
-        sa.func.clock_timestamp(),
-    ).order_by(new.c.n)
-
-
-def _insert_rows(rows: sa.Select[Any]) -> sa.Insert:
-    columns = ["id", "room_id", "member_id", "member_name", "type", "message", "sent"]
-    # The id as text: it is matched with the text the caller sent, no uuid parsed per row.
-    stored_id = sa.cast(messages.c.id, sa.Text).label("id")
-    return sa.insert(messages).from_select(columns, rows).returning(stored_id, messages.c.sent)
-
-
-def _locked_cte(which: sa.ColumnElement[bool]) -> sa.CTE:
-    # MATERIALIZED: the rooms are locked before any row is inserted.
-    return _locked_rooms(which).cte("locked").prefix_with("MATERIALIZED")
-
-
-def _insert_messages() -> sa.Insert:
-    """Store many messages in one statement, in the order given, rooms locked first.
-
-    Rows whose room no longer exists are skipped instead of failing the batch.
-    """
-    new = _drafts()
-    locked = _locked_cte(rooms.c.id.in_(sa.select(new.c.room_id)))
-    return _insert_rows(_message_rows(new).join_from(new, locked, locked.c.id == new.c.room_id))
-
-
-def _insert_message() -> sa.Insert:
-    """_insert_messages for one message: no arrays to unnest, a quarter less time in
-    PostgreSQL, which is most of what a message costs when it travels alone."""
-    locked = _locked_cte(rooms.c.id == sa.bindparam("room_id", type_=sa.Uuid))
-    row = sa.select(
-        sa.bindparam("id", type_=sa.Uuid),
-        locked.c.id,
-        sa.bindparam("member_id", type_=sa.Uuid),
-        sa.bindparam("member_name", type_=sa.Text),
-        sa.cast(sa.bindparam("type", type_=sa.Text), message_type),
-        sa.bindparam("message", type_=sa.Text),
-        sa.func.clock_timestamp(),
-    )
-    return _insert_rows(row)
-
-
-def _insert_members() -> sa.Insert:
-    """Add many members in one statement, in the order given; returns their rooms."""
-    new = (
-        sa.func.unnest(
-            _uuids("join_ids"), _uuids("join_room_ids"), _texts("names"), _uuids("instance_ids")
-        )
-        .table_valued("id", "room_id", "name", "instance_id", with_ordinality="ord")
-        .render_derived()
-        .alias("joining")
-    )
-    rows = sa.select(
-        new.c.id, new.c.room_id, new.c.name, new.c.instance_id, sa.func.clock_timestamp()
-    ).order_by(new.c.ord)
-    columns = ["id", "room_id", "name", "instance_id", "joined"]
-    return sa.insert(members).from_select(columns, rows).returning(members.c.room_id)
-
-
-def _delete_members() -> ReturningDelete[tuple[UUID, UUID]]:
-    """Delete many members, each only from the room given with it; returns those deleted."""
-    leaving = (
-        sa.func.unnest(_uuids("exit_ids"), _uuids("exit_room_ids"))
-        .table_valued("id", "room_id")
-        .render_derived()
-        .alias("leaving")
-    )
-    return (
-        sa.delete(members)
-        .where(members.c.id == leaving.c.id, members.c.room_id == leaving.c.room_id)
-        .returning(members.c.id, members.c.room_id)
-    )
-
-
-def _settle(which: sa.ColumnElement[bool], occupied: sa.ColumnElement[bool]) -> sa.Update:
-    """Make `emptied_at` agree with the members: NULL while the room has some, else
-    the moment it became empty. Touches only the rooms where the two disagree, so
-    that a room that was empty keeps its moment, and one that just emptied gets now.
-    """
-    return (
-        sa.update(rooms)
-        .where(which, rooms.c.emptied_at.is_(None) != occupied)
-        .values(emptied_at=sa.case((occupied, sa.null()), else_=sa.func.clock_timestamp()))
-    )
-
-
-def _apply_changes() -> sa.Select[tuple[UUID, datetime]]:
-    """Joins, leaves and their messages in one statement, for rooms that an earlier
-    statement of the transaction locked (so they exist); returns the stored messages.
-
-    Earlier, because a statement's snapshot is taken as it starts: this one must
-    see every change that others made to these rooms before we held them.
-    """
-    joined = _insert_members().cte("joined")
-    gone = _delete_members().cte("gone")
-    were_here = sa.select(gone.c.id)
-    new = _drafts()
-    # A `left` only for a member removed here: one that was gone already had its own.
-    kept = sa.or_(new.c.type != MessageType.LEFT.value, new.c.member_id.in_(were_here))
-    stored = _insert_rows(_message_rows(new).where(kept)).cte("stored")
-    erased = (
-        sa.delete(messages)
-        .where(messages.c.id == sa.any_(_uuids("erased_ids")), messages.c.member_id.in_(were_here))
-        .cte("erased")
-    )
-    settled = _settle_changed(joined, gone).cte("settled")
-    # Data-modifying CTEs run whether or not the query reads them; add_cte renders them.
-    return sa.select(stored.c.id, stored.c.sent).add_cte(joined, gone, erased, settled)
-
-
-def _settle_changed(joined: sa.CTE, gone: sa.CTE) -> sa.Update:
-    """_settle for the rooms that `joined` and `gone` changed. Their own statement's
-    snapshot shows neither change: occupancy is reckoned with both."""
-    occupied = sa.or_(
-        sa.exists().where(
-            members.c.room_id == rooms.c.id, members.c.id.not_in(sa.select(gone.c.id))
-        ),
-        sa.exists().where(joined.c.room_id == rooms.c.id),
-    )
-    changed = sa.union(sa.select(joined.c.room_id), sa.select(gone.c.room_id))
-    return _settle(rooms.c.id.in_(changed), occupied)
-
-
-def _delete_idle_rooms() -> ReturningDelete[tuple[UUID]]:
-    idle = rooms.alias("idle")
-    # SKIP LOCKED: a room locked right now is in use; the next sweep looks again.
-    candidates = (
-        sa.select(idle.c.id)
-        .where(
-            idle.c.emptied_at < sa.func.clock_timestamp() - sa.bindparam("idle", type_=sa.Interval),
-            ~sa.exists().where(members.c.room_id == idle.c.id),
-        )
-        .with_for_update(skip_locked=True)
-    )
-    return sa.delete(rooms).where(rooms.c.id.in_(candidates)).returning(rooms.c.id)
-
-
-def _renew_lease() -> sa.Insert:
-    insert = postgresql.insert(instances).values(
-        id=sa.bindparam("instance_id"),
-        lease_expires=sa.func.clock_timestamp() + sa.bindparam("lease", type_=sa.Interval),
-    )
-    return insert.on_conflict_do_update(
-        index_elements=[instances.c.id],
-        set_={"lease_expires": insert.excluded.lease_expires},
-    )
-
-
-# Members of an expired instance (locked by this reaper), or of no instance at all.
-_dead = sa.or_(
-    members.c.instance_id == sa.any_(_uuids("expired")),
-    ~sa.exists().where(instances.c.id == members.c.instance_id),
-)
-
-_PING = _Statement.compile(sa.select(sa.true()))
-_CREATE_ROOM = _Statement.compile(
-    sa.insert(rooms).values(
-        id=sa.bindparam("room_id"),
-        name=sa.bindparam("name"),
-        created=sa.func.now(),
-        # Empty from birth: a room nobody ever joins expires like any other.
-        emptied_at=sa.func.now(),
-    )
-)
-_GET_ROOM = _Statement.compile(sa.select(rooms.c.name).where(rooms.c.id == sa.bindparam("room_id")))
-# An outer join tells a missing room (no row) from an empty one (a row of NULLs).
-_LIST_MEMBERS = _Statement.compile(
-    sa.select(members.c.id, members.c.name)
-    .select_from(rooms.outerjoin(members))
-    .where(rooms.c.id == sa.bindparam("room_id"))
-    .order_by(members.c.joined, members.c.id)
-)
-_FIND_CURSOR = _Statement.compile(
-    sa.select(
-        rooms.c.id,
-        sa.select(messages.c.seq)
-        .where(messages.c.id == sa.bindparam("cursor_id"), messages.c.room_id == rooms.c.id)
-        .scalar_subquery(),
-    ).where(rooms.c.id == sa.bindparam("room_id"))
-)
-
-
-def _page(order: sa.UnaryExpression[Any]) -> _Statement:
-    return _Statement.compile(
-        sa.select(
-            messages.c.id,
-            messages.c.member_id,
-            messages.c.member_name,
-            messages.c.type,
-            messages.c.message,
-            messages.c.sent,
-        )
-        .where(
-            messages.c.room_id == sa.bindparam("room_id"),
-            messages.c.seq > sa.bindparam("after_seq"),
-            messages.c.seq < sa.bindparam("before_seq"),
-        )
-        .order_by(order)
-        .limit(sa.bindparam("limit"))
-    )
-
-
-_PAGE_BACKWARD = _page(messages.c.seq.desc())
-_PAGE_FORWARD = _page(messages.c.seq.asc())
-
-_LOCK_ROOMS = _Statement.prepared(
-    "sharechat_lock_rooms", _locked_rooms(rooms.c.id == sa.any_(_uuids("room_ids")))
-)
-_APPLY_CHANGES = _Statement.prepared("sharechat_apply_changes", _apply_changes())
-_SETTLE_ROOMS = _Statement.compile(
-    _settle(
-        rooms.c.id == sa.any_(_uuids("room_ids")),
-        sa.exists().where(members.c.room_id == rooms.c.id),
-    )
-)
-_INSERT_MESSAGES = _Statement.prepared("sharechat_insert_messages", _insert_messages())
-_INSERT_MESSAGE = _Statement.prepared("sharechat_insert_message", _insert_message())
-_DELETE_MESSAGE = _Statement.compile(
-    sa.delete(messages).where(messages.c.id == sa.bindparam("message_id"))
-)
-
-# The statements of the writer, which runs for every message, join and leave.
-_HOT = (_LOCK_ROOMS, _APPLY_CHANGES, _INSERT_MESSAGES, _INSERT_MESSAGE)
-
-
-async def _prepare_on(connection: aiopg.Connection) -> None:
-    """Prepare the hot statements on a new connection of the pool.
-
-    A connection pooler in transaction mode (PgBouncer's pool_mode=transaction)
-    would run them on one server connection and the EXECUTEs on others: point
-    DATABASE_URL at PostgreSQL itself, or at a pooler in session mode.
-    """
-    async with connection.cursor() as cursor:
-        await cursor.execute("; ".join(cast(str, hot.preparation) for hot in _HOT))
-
-
-_RENEW_LEASE = _Statement.compile(_renew_lease())
-_RELEASE_LEASE = _Statement.compile(
-    sa.delete(instances).where(instances.c.id == sa.bindparam("instance_id"))
-)
-_LOCK_EXPIRED = _Statement.compile(
-    sa.select(instances.c.id)
-    .where(instances.c.lease_expires < sa.func.clock_timestamp())
-    .with_for_update(skip_locked=True)
-)
-_LOCK_ROOMS_OF_DEAD = _Statement.compile(
-    _locked_rooms(rooms.c.id.in_(sa.select(members.c.room_id).where(_dead)))
-)
-_DELETE_DEAD = _Statement.compile(
-    sa.delete(members)
-    .where(members.c.room_id == sa.any_(_uuids("room_ids")), _dead)
-    .returning(members.c.id, members.c.room_id, members.c.name)
-)
-_DELETE_INSTANCES = _Statement.compile(
-    sa.delete(instances).where(instances.c.id == sa.any_(_uuids("expired")))
-)
-_DELETE_IDLE_ROOMS = _Statement.compile(_delete_idle_rooms())
 
 # What aiopg and psycopg2 raise when the server is away, slow or confused; callers
 # see BackendUnavailable instead. Pool timeouts are TimeoutError.
@@ -491,7 +86,7 @@ async def _store(cursor: aiopg.Cursor, drafts: Sequence[_Draft]) -> list[Message
         return []
     if len(drafts) == 1:
         (draft,) = drafts
-        await _INSERT_MESSAGE.run(
+        await statements.INSERT_MESSAGE.run(
             cursor,
             id=str(draft.id),
             room_id=str(draft.room_id),
@@ -501,7 +96,7 @@ async def _store(cursor: aiopg.Cursor, drafts: Sequence[_Draft]) -> list[Message
             message=draft.text,
         )
     else:
-        await _INSERT_MESSAGES.run(cursor, drafts=_drafts_json(drafts))
+        await statements.INSERT_MESSAGES.run(cursor, drafts=_drafts_json(drafts))
     return _stored(drafts, await cursor.fetchall())
 
 
@@ -571,7 +166,7 @@ async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write]) -> list[Message
     _GroupCommit._next_batch), so within the statement no member's changes
     need ordering; the messages are stored in the order of the writes.
     """
-    await _LOCK_ROOMS.run(cursor, room_ids=list({str(write.room_id) for write in writes}))
+    await statements.LOCK_ROOMS.run(cursor, room_ids=list({str(write.room_id) for write in writes}))
     live = {room_id for (room_id,) in await cursor.fetchall()}
     writes = [write for write in writes if write.room_id in live]
     if not writes:
@@ -579,7 +174,7 @@ async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write]) -> list[Message
     joins = [write for write in writes if write.kind is _Kind.JOIN]
     exits = [write for write in writes if write.kind in (_Kind.LEAVE, _Kind.ERASE)]
     drafts = [write.draft for write in writes if write.kind is not _Kind.ERASE]
-    await _APPLY_CHANGES.run(
+    await statements.APPLY_CHANGES.run(
         cursor,
         join_ids=[str(join.member_id) for join in joins],
         join_room_ids=[str(join.room_id) for join in joins],
@@ -731,15 +326,15 @@ class PostgresRepository:
 
     async def ping(self) -> None:
         async with self._cursor() as cursor:
-            await _PING.run(cursor)
+            await statements.PING.run(cursor)
 
     async def create_room(self, room: Room) -> None:
         async with self._cursor() as cursor:
-            await _CREATE_ROOM.run(cursor, room_id=room.id, name=room.name)
+            await statements.CREATE_ROOM.run(cursor, room_id=room.id, name=room.name)
 
     async def get_room(self, room_id: UUID) -> Room:
         async with self._cursor() as cursor:
-            await _GET_ROOM.run(cursor, room_id=room_id)
+            await statements.GET_ROOM.run(cursor, room_id=room_id)
             row = await cursor.fetchone()
         if row is None:
             raise RoomNotFound(str(room_id))
@@ -747,7 +342,7 @@ class PostgresRepository:
 
     async def list_members(self, room_id: UUID) -> list[Member]:
         async with self._cursor() as cursor:
-            await _LIST_MEMBERS.run(cursor, room_id=room_id)
+            await statements.LIST_MEMBERS.run(cursor, room_id=room_id)
             rows = await cursor.fetchall()
         if not rows:
             raise RoomNotFound(str(room_id))
@@ -759,7 +354,7 @@ class PostgresRepository:
         async with self._cursor() as cursor:
             after_seq, before_seq = await _page_bounds(cursor, room_id, page)
             forward = page.after is not None
-            await (_PAGE_FORWARD if forward else _PAGE_BACKWARD).run(
+            await (statements.PAGE_FORWARD if forward else statements.PAGE_BACKWARD).run(
                 cursor,
                 room_id=room_id,
                 after_seq=after_seq,
@@ -799,44 +394,44 @@ class PostgresRepository:
 
     async def delete_message(self, message_id: UUID) -> None:
         async with self._cursor() as cursor:
-            await _DELETE_MESSAGE.run(cursor, message_id=message_id)
+            await statements.DELETE_MESSAGE.run(cursor, message_id=message_id)
 
     async def renew_lease(self, instance_id: UUID, lease_seconds: float) -> None:
         async with self._cursor() as cursor:
-            await _RENEW_LEASE.run(
+            await statements.RENEW_LEASE.run(
                 cursor, instance_id=instance_id, lease=timedelta(seconds=lease_seconds)
             )
 
     async def release_lease(self, instance_id: UUID) -> None:
         async with self._cursor() as cursor:
-            await _RELEASE_LEASE.run(cursor, instance_id=instance_id)
+            await statements.RELEASE_LEASE.run(cursor, instance_id=instance_id)
 
     async def reap_expired_instances(self) -> list[Message]:
         async with self._transaction() as cursor:
             # SKIP LOCKED: an instance another reaper holds is that reaper's job.
-            await _LOCK_EXPIRED.run(cursor)
+            await statements.LOCK_EXPIRED.run(cursor)
             expired = [instance_id for (instance_id,) in await cursor.fetchall()]
-            await _LOCK_ROOMS_OF_DEAD.run(cursor, expired=expired)
+            await statements.LOCK_ROOMS_OF_DEAD.run(cursor, expired=expired)
             room_ids = [room_id for (room_id,) in await cursor.fetchall()]
             if not expired and not room_ids:
                 return []
             # Rooms are locked now: these members cannot leave under our feet,
             # and a concurrent reaper sees them gone once we commit.
-            await _DELETE_DEAD.run(cursor, expired=expired, room_ids=room_ids)
+            await statements.DELETE_DEAD.run(cursor, expired=expired, room_ids=room_ids)
             dead = await cursor.fetchall()
             left = await _store(
                 cursor,
                 [_left(room_id, Member(member_id, name)) for member_id, room_id, name in dead],
             )
-            await _SETTLE_ROOMS.run(cursor, room_ids=room_ids)
-            await _DELETE_INSTANCES.run(cursor, expired=expired)
+            await statements.SETTLE_ROOMS.run(cursor, room_ids=room_ids)
+            await statements.DELETE_INSTANCES.run(cursor, expired=expired)
         if expired or left:
             log.info("reaped %s dead instances and %s of their members", len(expired), len(left))
         return left
 
     async def delete_idle_rooms(self, idle_seconds: float) -> list[UUID]:
         async with self._cursor() as cursor:
-            await _DELETE_IDLE_ROOMS.run(cursor, idle=timedelta(seconds=idle_seconds))
+            await statements.DELETE_IDLE_ROOMS.run(cursor, idle=timedelta(seconds=idle_seconds))
             deleted = [room_id for (room_id,) in await cursor.fetchall()]
         if deleted:
             log.info("deleted %s idle rooms", len(deleted))
@@ -897,16 +492,16 @@ def _cancelled() -> bool:
 async def _page_bounds(cursor: aiopg.Cursor, room_id: UUID, page: Page) -> tuple[int, int]:
     """The `seq` range (exclusive) that the page selects from; checks room and cursor."""
     cursor_id = page.after if page.after is not None else page.before
-    await _FIND_CURSOR.run(cursor, room_id=room_id, cursor_id=cursor_id)
+    await statements.FIND_CURSOR.run(cursor, room_id=room_id, cursor_id=cursor_id)
     row = await cursor.fetchone()
     if row is None:
         raise RoomNotFound(str(room_id))
     seq = row[1]
     if cursor_id is None:
-        return 0, _MAX_SEQ
+        return 0, statements.MAX_SEQ
     if seq is None:
         raise MessageNotFound(str(cursor_id))
-    return (seq, _MAX_SEQ) if page.after is not None else (0, seq)
+    return (seq, statements.MAX_SEQ) if page.after is not None else (0, seq)
 
 
 def _message(room_id: UUID, row: Sequence[Any]) -> Message:
@@ -948,7 +543,7 @@ async def open_postgres_repository(
                 timeout=None,  # type: ignore[arg-type]
                 enable_json=False,
                 enable_hstore=False,
-                on_connect=_prepare_on,
+                on_connect=statements.prepare_on,
             )
     except _DRIVER_ERRORS as error:
         raise BackendUnavailable(f"PostgreSQL: {_reason(error)}") from error

@@ -1,6 +1,6 @@
 -- Rooms, their members and messages, and the leases of the server instances.
 -- Everything about a room goes with it: members and messages cascade.
--- sharechat/postgres.py declares the same tables for SQLAlchemy Core; keep both in step.
+-- sharechat/statements.py declares the same tables for SQLAlchemy Core; keep both in step.
 
 CREATE TYPE message_type AS ENUM ('chat', 'joined', 'left');
 

@@ -25,15 +25,8 @@ from sharechat.domain import (
 )
 from sharechat.migrations import MigrationError, default_sql_dir, migrate
 from sharechat.ports import Page
-from sharechat.postgres import (
-    PostgresRepository,
-    instances,
-    members,
-    messages,
-    metadata,
-    open_postgres_repository,
-    rooms,
-)
+from sharechat.postgres import PostgresRepository, open_postgres_repository
+from sharechat.statements import instances, members, messages, metadata, rooms
 from tests.helpers import eventually
 from tests.pg_support import temporary_database, throwaway_cluster
 
