@@ -410,7 +410,8 @@ class _Publisher:
             try:
                 if conn.is_connected and await conn.can_read():
                     # Closed by Redis meanwhile (its idle timeout, CLIENT KILL): no reply
-                    # can be due, as every pipeline reads all of its own.
+                    # can be due, as every pipeline reads all of its own. Not the pool's
+                    # ensure_connection(): its retry hides the OS error that _describe names.
                     await conn.disconnect()
                 await conn.connect()  # a no-op while connected
                 # hiredis packs in C: redis-py's own packer costs 2 µs a command.

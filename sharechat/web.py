@@ -99,9 +99,7 @@ async def get_messages(request: web.Request) -> web.Response:
     room_id = _room_id(request)
     page = _page(request.query)
     messages = await request.app[CONTROLLER].history(room_id, page)
-    return web.Response(
-        body=_message_array(messages), content_type="application/json", charset="utf-8"
-    )
+    return _json_response(_message_array(messages))
 
 
 def _members(members: list[Member]) -> list[dict[str, str]]:
@@ -273,11 +271,14 @@ def _http_reason(error: web.HTTPException) -> str:
 
 
 def _error(status: int, text: str, allow: str | None = None) -> web.Response:
-    response = _json_text(json.dumps({"error": text}), status)
+    response = _json_response(json.dumps({"error": text}).encode(), status)
     if allow:
         response.headers["Allow"] = allow
     return response
 
 
-def _json_text(text: str, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=text, content_type="application/json")
+def _json_response(body: bytes, status: int = 200) -> web.Response:
+    """UTF-8 JSON that is encoded already."""
+    return web.Response(
+        status=status, body=body, content_type="application/json", charset="utf-8"
+    )
