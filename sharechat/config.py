@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,13 +19,27 @@ class ConfigError(Exception):
 class Config:
     host: str = "0.0.0.0"
     port: int = 8080
-    allowed_origins: tuple[str, ...] = ()  # empty: any origin
+    allowed_origins: tuple[str, ...] = ()  # empty: the server's own origin; ("*",): any
     room_idle_ttl: float = 3600.0
     max_message_bytes: int = 4096
     ping_interval: float = 30.0
     rate_limit: float = 5.0  # chat messages a second per member; 0 = no limit
     rate_burst: int = 20
     send_queue: int = 1024  # frames waiting for one member before it is dropped as too slow
+    send_buffer_bytes: int = 1 << 20  # bytes waiting for one member, likewise
+    # Budgets per client address and per instance; 0 = off.
+    forwarded_allow_ips: tuple[str, ...] = ()  # proxies whose X-Forwarded-* we believe; "*": any
+    ip_connection_limit: int = 100  # websockets open at once per address
+    max_connections: int = 10_000  # websockets per instance (also capped by the fd limit)
+    room_member_limit: int = 1_000  # members of one room on this instance
+    ip_rate_limit: float = 10.0  # chat messages and joins a second per address (burst rate_burst)
+    room_create_limit: float = 1.0  # rooms created a second per address
+    room_create_burst: int = 10
+    frame_budget: float = 50.0  # frames a second per connection, every kind counted
+    frame_burst: int = 100
+    room_max_messages: int = 10_000  # history kept per room, oldest dropped first
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
     log_level: str = "INFO"
     database_url: str | None = None
     redis_url: str | None = None
@@ -55,6 +70,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
 def _rate(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
@@ -72,7 +94,21 @@ def _log_level(text: str) -> str:
 def _origins(text: str) -> tuple[str, ...]:
     """Origins compare case-insensitively, without a trailing slash; `*` means any."""
     origins = tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
-    return () if "*" in origins else origins
+    return ("*",) if "*" in origins else origins
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    """Addresses or CIDRs, comma-separated, each normalised (`10.0.0.0/8`); `*` means any."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if "*" in items:
+        return ("*",)
+    networks = []
+    for item in items:
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or a CIDR") from None
+    return tuple(networks)
 
 
 def _url(*schemes: str) -> Callable[[str], str | None]:
@@ -105,7 +141,7 @@ _SETTINGS = (
     _Setting("port", "--port", "PORT", _port, "port to listen on"),
     _Setting(
         "allowed_origins", "--allowed-origin", "SHARECHAT_ALLOWED_ORIGINS", _origins,
-        "origin allowed to open a websocket (repeatable; default or *: any)",
+        "origin allowed to open a websocket (repeatable; default: the server's own; *: any)",
     ),
     _Setting(
         "room_idle_ttl", "--room-idle-ttl", "SHARECHAT_ROOM_IDLE_TTL", _positive_seconds,
@@ -130,6 +166,58 @@ _SETTINGS = (
     _Setting(
         "send_queue", "--send-queue", "SHARECHAT_SEND_QUEUE", _positive_int,
         "frames queued for one member before it is disconnected as too slow",
+    ),
+    _Setting(
+        "send_buffer_bytes", "--send-buffer-bytes", "SHARECHAT_SEND_BUFFER_BYTES",
+        _positive_int, "bytes queued for one member before it is disconnected as too slow",
+    ),
+    _Setting(
+        "forwarded_allow_ips", "--forwarded-allow-ips", "FORWARDED_ALLOW_IPS", _networks,
+        "proxies (addresses or CIDRs, comma-separated; * = any) trusted for X-Forwarded-*",
+    ),
+    _Setting(
+        "ip_connection_limit", "--ip-connection-limit", "SHARECHAT_IP_CONNECTION_LIMIT", _count,
+        "websockets open at once per client address (0 = no limit)",
+    ),
+    _Setting(
+        "max_connections", "--max-connections", "SHARECHAT_MAX_CONNECTIONS", _count,
+        "websockets per instance, at most what the file descriptor limit allows (0 = that)",
+    ),
+    _Setting(
+        "room_member_limit", "--room-member-limit", "SHARECHAT_ROOM_MEMBER_LIMIT", _count,
+        "members of one room on this instance (0 = no limit)",
+    ),
+    _Setting(
+        "ip_rate_limit", "--ip-rate-limit", "SHARECHAT_IP_RATE_LIMIT", _rate,
+        "chat messages and joins a second per client address, sustained (0 = no limit)",
+    ),
+    _Setting(
+        "room_create_limit", "--room-create-limit", "SHARECHAT_ROOM_CREATE_LIMIT", _rate,
+        "rooms created a second per client address, sustained (0 = no limit)",
+    ),
+    _Setting(
+        "room_create_burst", "--room-create-burst", "SHARECHAT_ROOM_CREATE_BURST",
+        _positive_int, "rooms a client address may create at once",
+    ),
+    _Setting(
+        "frame_budget", "--frame-budget", "SHARECHAT_FRAME_BUDGET", _rate,
+        "websocket frames a second per connection, every kind, sustained (0 = no limit)",
+    ),
+    _Setting(
+        "frame_burst", "--frame-burst", "SHARECHAT_FRAME_BURST", _positive_int,
+        "websocket frames a connection may send at once",
+    ),
+    _Setting(
+        "room_max_messages", "--room-max-messages", "SHARECHAT_ROOM_MAX_MESSAGES", _count,
+        "messages kept per room, the oldest dropped first (0 = no limit)",
+    ),
+    _Setting(
+        "header_timeout", "--header-timeout", "SHARECHAT_HEADER_TIMEOUT", _positive_seconds,
+        "seconds a client has to send a request's headers",
+    ),
+    _Setting(
+        "keepalive_timeout", "--keepalive-timeout", "SHARECHAT_KEEPALIVE_TIMEOUT",
+        _positive_seconds, "seconds an idle keep-alive connection stays open",
     ),
     _Setting("log_level", "--log-level", "LOG_LEVEL", _log_level, "logging level"),
     _Setting(

@@ -47,6 +47,45 @@ CASES = [
     Case("rate_limit", "--rate-limit", "SHARECHAT_RATE_LIMIT", "0", 0.0, "1"),
     Case("rate_burst", "--rate-burst", "SHARECHAT_RATE_BURST", "7", 7, "3"),
     Case("send_queue", "--send-queue", "SHARECHAT_SEND_QUEUE", "64", 64, "8"),
+    Case(
+        "send_buffer_bytes", "--send-buffer-bytes", "SHARECHAT_SEND_BUFFER_BYTES", "65536",
+        65536, "1000",
+    ),
+    Case(
+        "forwarded_allow_ips", "--forwarded-allow-ips", "FORWARDED_ALLOW_IPS",
+        "10.0.0.1, 192.168.0.0/16,::1", ("10.0.0.1/32", "192.168.0.0/16", "::1/128"), "*",
+    ),
+    Case("forwarded_allow_ips", "--forwarded-allow-ips", "FORWARDED_ALLOW_IPS", "*", ("*",), "::1"),
+    Case(
+        "ip_connection_limit", "--ip-connection-limit", "SHARECHAT_IP_CONNECTION_LIMIT", "5", 5,
+        "0",
+    ),
+    Case(
+        "ip_connection_limit", "--ip-connection-limit", "SHARECHAT_IP_CONNECTION_LIMIT", "0", 0,
+        "5",
+    ),
+    Case("max_connections", "--max-connections", "SHARECHAT_MAX_CONNECTIONS", "50", 50, "0"),
+    Case(
+        "room_member_limit", "--room-member-limit", "SHARECHAT_ROOM_MEMBER_LIMIT", "0", 0, "20"
+    ),
+    Case("ip_rate_limit", "--ip-rate-limit", "SHARECHAT_IP_RATE_LIMIT", "2.5", 2.5, "0"),
+    Case(
+        "room_create_limit", "--room-create-limit", "SHARECHAT_ROOM_CREATE_LIMIT", "0.1", 0.1, "0"
+    ),
+    Case(
+        "room_create_burst", "--room-create-burst", "SHARECHAT_ROOM_CREATE_BURST", "3", 3, "1"
+    ),
+    Case("frame_budget", "--frame-budget", "SHARECHAT_FRAME_BUDGET", "0", 0.0, "20"),
+    Case("frame_burst", "--frame-burst", "SHARECHAT_FRAME_BURST", "30", 30, "1"),
+    Case(
+        "room_max_messages", "--room-max-messages", "SHARECHAT_ROOM_MAX_MESSAGES", "500", 500,
+        "0",
+    ),
+    Case("header_timeout", "--header-timeout", "SHARECHAT_HEADER_TIMEOUT", "2.5", 2.5, "1"),
+    Case(
+        "keepalive_timeout", "--keepalive-timeout", "SHARECHAT_KEEPALIVE_TIMEOUT", "30", 30.0,
+        "5",
+    ),
     Case("log_level", "--log-level", "LOG_LEVEL", "DEBUG", "DEBUG", "ERROR"),
     Case("log_level", "--log-level", "LOG_LEVEL", "warning", "WARNING", "ERROR"),
     Case("database_url", "--database-url", "DATABASE_URL", DATABASE, DATABASE, "postgres://o/x"),
@@ -93,12 +132,22 @@ def test_defaults_are_the_contracts() -> None:
     assert config == Config()
     assert config.host == "0.0.0.0"
     assert config.port == 8080
-    assert config.allowed_origins == ()  # any origin
+    assert config.allowed_origins == ()  # the server's own origin only
     assert config.room_idle_ttl == 3600
     assert config.max_message_bytes == 4096
     assert config.ping_interval == 30
     assert config.rate_limit == 5
     assert config.rate_burst == 20
+    assert config.forwarded_allow_ips == ()  # no proxy is trusted
+    assert config.ip_connection_limit == 100
+    assert config.max_connections == 10_000
+    assert config.room_member_limit == 1_000
+    assert config.ip_rate_limit == 10
+    assert (config.room_create_limit, config.room_create_burst) == (1, 10)
+    assert (config.frame_budget, config.frame_burst) == (50, 100)
+    assert config.room_max_messages == 10_000
+    assert config.send_buffer_bytes == 1 << 20
+    assert (config.header_timeout, config.keepalive_timeout) == (10, 75)
     assert config.database_url is None
     assert config.redis_url is None
 
@@ -178,6 +227,22 @@ BAD = [
     ([], {"SHARECHAT_RATE_BURST": "0"}, "SHARECHAT_RATE_BURST"),
     (["--rate-burst=0"], {}, "--rate-burst"),
     ([], {"SHARECHAT_SEND_QUEUE": "0"}, "SHARECHAT_SEND_QUEUE"),
+    ([], {"SHARECHAT_SEND_BUFFER_BYTES": "0"}, "SHARECHAT_SEND_BUFFER_BYTES"),
+    ([], {"FORWARDED_ALLOW_IPS": "10.0.0.300"}, "FORWARDED_ALLOW_IPS"),
+    ([], {"FORWARDED_ALLOW_IPS": "proxy.example"}, "FORWARDED_ALLOW_IPS"),
+    (["--forwarded-allow-ips", "10.0.0.0/33"], {}, "--forwarded-allow-ips"),
+    ([], {"SHARECHAT_IP_CONNECTION_LIMIT": "-1"}, "SHARECHAT_IP_CONNECTION_LIMIT"),
+    ([], {"SHARECHAT_IP_CONNECTION_LIMIT": "1.5"}, "SHARECHAT_IP_CONNECTION_LIMIT"),
+    ([], {"SHARECHAT_MAX_CONNECTIONS": "many"}, "SHARECHAT_MAX_CONNECTIONS"),
+    ([], {"SHARECHAT_ROOM_MEMBER_LIMIT": "-2"}, "SHARECHAT_ROOM_MEMBER_LIMIT"),
+    ([], {"SHARECHAT_IP_RATE_LIMIT": "-1"}, "SHARECHAT_IP_RATE_LIMIT"),
+    ([], {"SHARECHAT_ROOM_CREATE_LIMIT": "inf"}, "SHARECHAT_ROOM_CREATE_LIMIT"),
+    ([], {"SHARECHAT_ROOM_CREATE_BURST": "0"}, "SHARECHAT_ROOM_CREATE_BURST"),
+    ([], {"SHARECHAT_FRAME_BUDGET": "nan"}, "SHARECHAT_FRAME_BUDGET"),
+    ([], {"SHARECHAT_FRAME_BURST": "0"}, "SHARECHAT_FRAME_BURST"),
+    ([], {"SHARECHAT_ROOM_MAX_MESSAGES": "-10"}, "SHARECHAT_ROOM_MAX_MESSAGES"),
+    ([], {"SHARECHAT_HEADER_TIMEOUT": "0"}, "SHARECHAT_HEADER_TIMEOUT"),
+    ([], {"SHARECHAT_KEEPALIVE_TIMEOUT": "-1"}, "SHARECHAT_KEEPALIVE_TIMEOUT"),
     ([], {"SHARECHAT_DB_POOL_SIZE": "0"}, "SHARECHAT_DB_POOL_SIZE"),
     ([], {"SHARECHAT_BACKEND_TIMEOUT": "0"}, "SHARECHAT_BACKEND_TIMEOUT"),
     ([], {"SHARECHAT_INSTANCE_LEASE": "-3"}, "SHARECHAT_INSTANCE_LEASE"),
@@ -290,8 +355,8 @@ def test_cli_serve_help_lists_every_flag_and_variable() -> None:
 
 
 def test_star_origin_means_any_origin() -> None:
-    assert from_argv([], {"SHARECHAT_ALLOWED_ORIGINS": "*"}).allowed_origins == ()
-    assert from_argv(["--allowed-origin", "*"], {}).allowed_origins == ()
+    assert from_argv([], {"SHARECHAT_ALLOWED_ORIGINS": "*"}).allowed_origins == ("*",)
+    assert from_argv(["--allowed-origin", "*"], {}).allowed_origins == ("*",)
 
 
 def test_origins_are_normalised() -> None:
