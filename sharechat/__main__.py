@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(config: settings.Config) -> int:
+    from sharechat.budgets import raise_descriptor_limit
+
+    raise_descriptor_limit()  # before the app sizes its connection budget by it
     _tune_garbage_collector()
     with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
         runner.run(_run_until_signalled(config))

@@ -10,10 +10,12 @@ from uuid import UUID, uuid4
 from aiohttp import web
 
 from sharechat import web as routes
+from sharechat.budgets import Budgets
 from sharechat.config import Config
 from sharechat.controller import Controller
 from sharechat.memory import MemoryQueue, MemoryRepository
 from sharechat.ports import Queue, Repository
+from sharechat.refusals import RefusalLog
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ SHUTDOWN_GRACE = 5.0  # seconds members get to leave cleanly on shutdown
 def create_app(config: Config, instance_id: UUID | None = None) -> web.Application:
     app = web.Application(middlewares=[routes.json_errors])
     app[routes.CONFIG] = config
+    app[routes.BUDGETS] = Budgets(config, RefusalLog())
     instance = instance_id or uuid4()
 
     async def chat(app: web.Application) -> AsyncIterator[None]:

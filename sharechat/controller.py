@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from sharechat import names
+from sharechat.budgets import RateLimiter
 from sharechat.config import Config
 from sharechat.domain import (
     BackendUnavailable,
@@ -23,6 +24,7 @@ from sharechat.domain import (
     failed_message,
 )
 from sharechat.ports import Page, Peer, Queue, Repository
+from sharechat.refusals import RefusalLog
 from sharechat.session import CLOSE_GOING_AWAY, Flusher, Session
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ class Controller:
         self._unrecorded_leaves: list[tuple[UUID, Member]] = []
         self._background: set[asyncio.Task[Any]] = set()  # leaves and close handshakes
         self._stopping = asyncio.Event()
-        self._flusher = Flusher()
+        self._refusals = RefusalLog()
+        self._flusher = Flusher(config, self._refusals)
         queue.on_message(self._dispatch)
 
     # -- rooms and history ---------------------------------------------------
@@ -78,13 +81,15 @@ class Controller:
 
     # -- members -------------------------------------------------------------
 
-    async def join(self, room_id: UUID, peer: Peer) -> Session:
+    async def join(self, room_id: UUID, peer: Peer, client_limiter: RateLimiter) -> Session:
         """Store the member and its `joined`, publish it, and wait until it is delivered.
 
-        Raises RoomNotFound or BackendUnavailable; then the member never existed.
+        `client_limiter` is the budget of chat messages that the member shares with
+        every other connection of its client. Raises RoomNotFound or
+        BackendUnavailable; then the member never existed.
         """
         member = Member(id=uuid4(), name=names.member_name())
-        session = Session(room_id, member, peer, self._config, self._flusher)
+        session = Session(room_id, member, peer, self._config, self._flusher, client_limiter)
         room = self._enter(session)
         stored: Message | None = None
         try:
@@ -177,7 +182,11 @@ class Controller:
 
     def _problem_with(self, session: Session, text: str) -> str | None:
         if not session.limiter.allow():
+            self._refusals.refused("member-rate", f"member {session.member.id}")
             return "rate limited: slow down"
+        if not session.client_limiter.allow():
+            self._refusals.refused("ip-rate", f"member {session.member.id}")
+            return "rate limited: too many messages from your address, slow down"
         limit = self._config.max_message_bytes
         if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
             size = len(text.encode())
@@ -317,6 +326,9 @@ class Controller:
             await chore
         except BackendUnavailable as error:
             log.warning("housekeeping postponed: %s", error)
+        except Exception:
+            # Housekeeping runs for the life of the process: one bad turn must not end it.
+            log.exception("housekeeping chore failed; trying again next time")
 
     async def _renew_lease(self) -> None:
         await self._repository.renew_lease(self.instance_id, self._config.instance_lease)

@@ -130,11 +130,11 @@ class Queue(Protocol):
 class Peer(Protocol):
     """One member's connection."""
 
-    def write_texts(self, texts: Sequence[bytes], /) -> bool:
+    def write_texts(self, texts: Sequence[bytes], /) -> int:
         """Send each UTF-8 text as one message, in order, in one write, without waiting.
 
-        Returns False when the connection holds unsent data: then drain() before the
-        next write. Raises ConnectionError once the connection is gone.
+        Returns how many bytes the connection holds unsent; unless 0, drain() before
+        the next write. Raises ConnectionError once the connection is gone.
         """
         ...
 

@@ -1,16 +1,17 @@
-"""One connected member: its rate limit, its bounded outbox, and the writer that empties it."""
+"""One connected member: its rate limits, its bounded outbox, and the writer that empties it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import time
 from uuid import UUID
 
+from sharechat.budgets import RateLimiter
 from sharechat.config import Config
 from sharechat.domain import Member
 from sharechat.ports import Peer
+from sharechat.refusals import RefusalLog
 
 log = logging.getLogger(__name__)
 
@@ -19,37 +20,19 @@ CLOSE_POLICY_VIOLATION = 1008
 MAX_IN_FLIGHT = 8  # messages of one member being stored or published at once
 
 
-class RateLimiter:
-    """A token bucket: `burst` at once, `rate` a second sustained; rate 0 = no limit."""
-
-    __slots__ = ("_burst", "_rate", "_tokens", "_updated")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._updated = time.monotonic()
-
-    def allow(self) -> bool:
-        if not self._rate:
-            return True
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
-        self._updated = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
-
 class Flusher:
     """Writes out, at the end of each turn of the event loop, every outbox that
     filled during it: a member gets one write however many messages reached it
-    meanwhile, and no task is made per delivery.
+    meanwhile, and no task is made per delivery. It also holds what every
+    session of the instance shares: the bounds and the refusal log.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, config: Config, refusals: RefusalLog) -> None:
         self._due: list[Session] = []
+        self.max_frames = config.send_queue
+        self.max_bytes = config.send_buffer_bytes
+        self.drain_timeout = config.ping_interval
+        self.refusals = refusals
 
     def add(self, session: Session) -> None:
         if not self._due:
@@ -65,20 +48,24 @@ class Flusher:
 class Session:
     """One connected member: its bounded outbox and how it gets written out.
 
-    Delivery never waits for the peer: frames queue here, and a member whose
-    queue overflows is disconnected rather than allowed to slow the room down.
+    Delivery never waits for the peer: frames queue here, and a member that
+    falls behind (its queue over a bound in frames or in bytes, counting what
+    the connection holds unsent, or a connection that has not drained for a
+    ping interval) is disconnected rather than allowed to slow the room down.
     """
 
     # Thousands of idle members each hold one: slots keep them small.
     __slots__ = (
+        "_backlog",
         "_closing",
         "_flusher",
         "_joined_payload",
         "_joining",
-        "_max_outbox",
         "_outbox",
+        "_outbox_bytes",
         "_peer",
         "_writer",
+        "client_limiter",
         "in_flight",
         "last_message",
         "limiter",
@@ -87,18 +74,27 @@ class Session:
     )
 
     def __init__(
-        self, room_id: UUID, member: Member, peer: Peer, config: Config, flusher: Flusher
+        self,
+        room_id: UUID,
+        member: Member,
+        peer: Peer,
+        config: Config,
+        flusher: Flusher,
+        client_limiter: RateLimiter,
     ) -> None:
         self.room_id = room_id
         self.member = member
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        # Shared by every connection of the member's client address.
+        self.client_limiter = client_limiter
         self.in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self.last_message: asyncio.Task[None] | None = None  # the newest one under way
         self._peer = peer
         self._flusher = flusher
         # UTF-8 JSON, encoded once per message; a list, as an empty deque costs 760 bytes.
         self._outbox: list[bytes] = []
-        self._max_outbox = config.send_queue
+        self._outbox_bytes = 0
+        self._backlog = 0  # bytes the connection held unsent after the last write
         # Until its own `joined` arrives, what the room says is history to this member.
         self._joining: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
         self._joined_payload: bytes | None = None
@@ -125,9 +121,13 @@ class Session:
     def send(self, payload: bytes) -> None:
         if self._closing is not None:
             return
-        if len(self._outbox) >= self._max_outbox:
-            log.info("member %s too slow, disconnecting", self.member.id)
-            self.close(CLOSE_POLICY_VIOLATION, "too slow: outgoing buffer full")
+        flusher = self._flusher
+        self._outbox_bytes += len(payload)
+        if (
+            len(self._outbox) >= flusher.max_frames
+            or self._outbox_bytes + self._backlog > flusher.max_bytes
+        ):
+            self._too_slow("outgoing buffer full")
             return
         self._outbox.append(payload)
         # A second frame finds the member due already, or its writer waiting to drain.
@@ -146,6 +146,7 @@ class Session:
         if self._closing is not None:
             return
         self._outbox.clear()
+        self._outbox_bytes = 0
         if self._writer is not None:
             self._writer.cancel()
         self._closing = asyncio.create_task(self._peer.close(code=code, message=reason.encode()))
@@ -158,23 +159,35 @@ class Session:
                 await self._writer
         return self._closing
 
+    def _too_slow(self, why: str) -> None:
+        self._flusher.refusals.refused("too-slow", f"member {self.member.id}: {why}")
+        self.close(CLOSE_POLICY_VIOLATION, f"too slow: {why}")
+
     def _write(self) -> bool:
         """False when the peer wants no more until it drains."""
         batch, self._outbox = self._outbox, []
+        self._outbox_bytes = 0
         try:
-            return self._peer.write_texts(batch)
+            self._backlog = self._peer.write_texts(batch)
         except (ConnectionError, RuntimeError) as error:
             # The connection is going away; the reader notices and leaves.
             log.debug("writer of %s stopped: %s", self.member.id, error)
             return True
+        return not self._backlog
 
     async def _write_when_drained(self) -> None:
         try:
             while True:
-                await self._peer.drain()
+                # A peer that answers pings but does not read must not stay forever.
+                async with asyncio.timeout(self._flusher.drain_timeout):
+                    await self._peer.drain()
+                self._backlog = 0  # drained: what it still holds is under its low-water mark
                 if not self._outbox:
                     return
                 self._write()
+        except TimeoutError:
+            self._writer = None  # close() must not cancel this task: it is ending anyway
+            self._too_slow("not reading")
         except (ConnectionError, RuntimeError) as error:
             log.debug("writer of %s stopped: %s", self.member.id, error)
         finally:

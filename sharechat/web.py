@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -13,20 +14,24 @@ from uuid import UUID
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
+from sharechat.budgets import BudgetExceeded, Budgets, RateLimiter
 from sharechat.config import Config
 from sharechat.controller import Controller
 from sharechat.domain import BackendUnavailable, Member, Message, MessageNotFound, RoomNotFound
 from sharechat.ports import Page
+from sharechat.session import Session
 
 log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
 CONTROLLER = web.AppKey("controller", Controller)
+BUDGETS = web.AppKey("budgets", Budgets)
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_PAGE = 1000
-# Frames up to this size are read and answered with `failed`; larger ones close with 1009.
-FRAME_CEILING = 1 << 20
+# A frame over this many times --max-message-bytes closes the connection with 1009,
+# refused from its header before any of it is buffered; smaller ones get `failed`.
+FRAME_CEILING_FACTOR = 4
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -85,6 +90,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def create_room(request: web.Request) -> web.Response:
+    request.app[BUDGETS].create_room(request.remote)
     room = await request.app[CONTROLLER].create_room()
     return web.json_response({"roomId": str(room.id), "roomName": room.name})
 
@@ -151,33 +157,53 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
     config, controller = request.app[CONFIG], request.app[CONTROLLER]
     room_id = _room_id(request)
     _check_origin(request, config.allowed_origins)
-    outage: BackendUnavailable | None = None
-    try:
-        await controller.check_room(room_id)  # 404 before any upgrade
-    except BackendUnavailable as error:
-        outage = error  # refused after the upgrade: a browser sees a close code, not a status
-    ws = web.WebSocketResponse(
-        heartbeat=config.ping_interval,
-        max_msg_size=max(FRAME_CEILING, 4 * config.max_message_bytes),
-    )
-    peer = WebSocketPeer(ws, request, await ws.prepare(request))
-    try:
-        if outage:
-            raise outage
-        session = await controller.join(room_id, peer)
-    except (RoomNotFound, BackendUnavailable) as error:
-        log.warning("join refused in room %s: %r", room_id, error)
-        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=_refusal(error))
-        return ws
-    try:
-        async for frame in ws:
-            if frame.type is WSMsgType.TEXT:
-                await controller.say(session, frame.data)
-            elif frame.type is WSMsgType.BINARY:
-                controller.reject(session, "binary frames are not supported: send text")
-    finally:
-        await controller.leave(session)
+    # Budgets before any query: a client over them costs the backends nothing.
+    with request.app[BUDGETS].connection(request.remote, room_id) as client_limiter:
+        outage: BackendUnavailable | None = None
+        try:
+            await controller.check_room(room_id)  # 404 before any upgrade
+        except BackendUnavailable as error:
+            outage = error  # refused after the upgrade: a browser sees a close code, not a status
+        ws = web.WebSocketResponse(
+            heartbeat=config.ping_interval,
+            # Pings count against the frame budget, so they come to us, not to aiohttp.
+            autoping=False,
+            # No permessage-deflate: a small compressed frame could inflate to the size
+            # limit before any budget sees it, and chat text compresses little.
+            compress=False,
+            max_msg_size=FRAME_CEILING_FACTOR * config.max_message_bytes + 1,
+        )
+        peer = WebSocketPeer(ws, request, await ws.prepare(request))
+        try:
+            if outage:
+                raise outage
+            session = await controller.join(room_id, peer, client_limiter)
+        except (RoomNotFound, BackendUnavailable) as error:
+            log.warning("join refused in room %s: %s", room_id, error)
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=_refusal(error))
+            return ws
+        try:
+            await _read_frames(ws, session, request.app)
+        finally:
+            await controller.leave(session)
     return ws
+
+
+async def _read_frames(ws: web.WebSocketResponse, session: Session, app: web.Application) -> None:
+    """Every frame the member sends, of every kind, spends one of its frame budget."""
+    config, controller = app[CONFIG], app[CONTROLLER]
+    frames = RateLimiter(config.frame_budget, config.frame_burst)
+    async for frame in ws:
+        if not frames.allow():
+            app[BUDGETS].refused("frames", f"member {session.member.id}")
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many frames")
+            return
+        if frame.type is WSMsgType.TEXT:
+            await controller.say(session, frame.data)
+        elif frame.type is WSMsgType.BINARY:
+            controller.reject(session, "binary frames are not supported: send text")
+        elif frame.type is WSMsgType.PING:
+            await ws.pong(frame.data)
 
 
 class WebSocketPeer:
@@ -196,13 +222,13 @@ class WebSocketPeer:
         self._request = request
         self._writer = writer
 
-    def write_texts(self, texts: Sequence[bytes], /) -> bool:
+    def write_texts(self, texts: Sequence[bytes], /) -> int:
         transport = self._request.transport
         if self._ws.closed or transport is None or transport.is_closing():
             raise ConnectionResetError("websocket closed")
         transport.writelines([part for text in texts for part in (_text_header(text), text)])
         # Whatever the socket did not take waits in the transport: the peer is behind.
-        return not transport.get_write_buffer_size()
+        return transport.get_write_buffer_size()
 
     async def drain(self) -> None:
         if self._ws.closed:
@@ -252,6 +278,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return _error(404, "room not found")
     except MessageNotFound:
         return _error(400, "cursor is not a message of this room")
+    except BudgetExceeded as error:
+        response = _error(429 if error.per_client else 503, error.reason)
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+        return response
     except BackendUnavailable as error:
         log.warning("%s %s: backend unavailable: %s", request.method, request.path, error)
         return _error(503, "service unavailable, try again")

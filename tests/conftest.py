@@ -76,7 +76,17 @@ def redis_prefix() -> str:
 
 @pytest.fixture
 def backend_config(backend: str, request: pytest.FixtureRequest) -> Config:
-    config = Config(host="127.0.0.1", port=0)
+    # One address (127.0.0.1) plays every client of the suite, at machine speed: the
+    # budgets per address and per connection are off here, and tests/test_budgets.py
+    # tests each of them against a real `sharechat serve`.
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        ip_connection_limit=0,
+        ip_rate_limit=0,
+        room_create_limit=0,
+        frame_budget=0,
+    )
     if backend == "memory":
         return config
     config = dataclasses.replace(config, database_url=request.getfixturevalue("database_url"))

@@ -28,7 +28,15 @@ from tests.helpers import WAIT, free_port, receive_json
 
 VENV_BIN = Path(sys.executable).parent
 STARTUP = 30.0  # seconds a fresh process may take to answer /api/healthz (migrations included)
-CONFIG_VARIABLES = {"HOST", "PORT", "LOG_LEVEL", "DATABASE_URL", "REDIS_URL"}
+CONFIG_VARIABLES = {"HOST", "PORT", "LOG_LEVEL", "DATABASE_URL", "REDIS_URL", "FORWARDED_ALLOW_IPS"}
+# For tests in which one address (127.0.0.1) plays many clients at machine speed: the
+# budgets per address and per connection are off. tests/test_budgets.py tests them.
+MANY_CLIENTS_FROM_ONE_ADDRESS = {
+    "SHARECHAT_IP_CONNECTION_LIMIT": "0",
+    "SHARECHAT_IP_RATE_LIMIT": "0",
+    "SHARECHAT_ROOM_CREATE_LIMIT": "0",
+    "SHARECHAT_FRAME_BUDGET": "0",
+}
 
 
 def clean_environ(**extra: str) -> dict[str, str]:

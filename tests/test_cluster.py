@@ -17,7 +17,14 @@ import pytest
 from tests.conftest import REDIS_URL
 from tests.helpers import WAIT, eventually, receive_close, receive_json, receive_until
 from tests.pg_support import temporary_database
-from tests.servers import Server, create_room, get_json, join, running_servers
+from tests.servers import (
+    MANY_CLIENTS_FROM_ONE_ADDRESS,
+    Server,
+    create_room,
+    get_json,
+    join,
+    running_servers,
+)
 
 pytestmark = pytest.mark.services  # real PostgreSQL/Redis: see conftest --backends
 
@@ -32,6 +39,7 @@ async def cluster_env() -> AsyncIterator[dict[str, str]]:
             "REDIS_URL": REDIS_URL,
             "SHARECHAT_REDIS_PREFIX": f"sharechat-cluster-{uuid4().hex[:12]}:",
             "SHARECHAT_RATE_LIMIT": "0",
+            **MANY_CLIENTS_FROM_ONE_ADDRESS,
         }
 
 
