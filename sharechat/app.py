@@ -9,6 +9,7 @@ from uuid import UUID, uuid4
 
 from aiohttp import web
 
+from sharechat import proxies
 from sharechat import web as routes
 from sharechat.config import Config
 from sharechat.controller import Controller
@@ -21,7 +22,11 @@ SHUTDOWN_GRACE = 5.0  # seconds members get to leave cleanly on shutdown
 
 
 def create_app(config: Config, instance_id: UUID | None = None) -> web.Application:
-    app = web.Application(middlewares=[routes.json_errors])
+    # The proxy middleware comes first: every other one and every handler sees the
+    # client's address, scheme and host.
+    app = web.Application(
+        middlewares=[proxies.forwarded_headers(config.forwarded_allow_ips), routes.json_errors]
+    )
     app[routes.CONFIG] = config
     instance = instance_id or uuid4()
 

@@ -55,6 +55,8 @@ def setup_routes(app: web.Application) -> None:
 
 
 async def index(request: web.Request) -> web.StreamResponse:
+    """The landing page, or for curl the server's URLs as the client reaches them
+    (behind a trusted TLS proxy: https:// and wss:// on the public host)."""
     if "text/html" in request.headers.get("Accept", ""):
         return web.FileResponse(STATIC_DIR / "index.html")
     base = f"{request.scheme}://{request.host}"
