@@ -9,6 +9,7 @@ from uuid import UUID, uuid4
 
 from aiohttp import web
 
+from sharechat import proxies
 from sharechat import web as routes
 from sharechat.budgets import Budgets
 from sharechat.config import Config
@@ -23,16 +24,22 @@ SHUTDOWN_GRACE = 5.0  # seconds members get to leave cleanly on shutdown
 
 
 def create_app(config: Config, instance_id: UUID | None = None) -> web.Application:
-    app = web.Application(middlewares=[routes.json_errors])
+    # The proxy middleware comes first: every other one and every handler sees the
+    # client's address, scheme and host.
+    app = web.Application(
+        middlewares=[proxies.forwarded_headers(config.forwarded_allow_ips), routes.json_errors]
+    )
     app[routes.CONFIG] = config
-    app[routes.BUDGETS] = Budgets(config, RefusalLog())
+    refusals = RefusalLog()  # one per app: one line a minute per kind, whoever refuses
+    app[routes.REFUSALS] = refusals
+    app[routes.BUDGETS] = Budgets(config, refusals)
     instance = instance_id or uuid4()
 
     async def chat(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             repository = await stack.enter_async_context(open_repository(config))
             queue = await stack.enter_async_context(open_queue(config, instance))
-            controller = Controller(repository, queue, config, instance)
+            controller = Controller(repository, queue, config, instance, refusals)
             await stack.enter_async_context(controller.running())
             app[routes.CONTROLLER] = controller
             log.info("instance %s ready: %s", instance, describe_backends(config))

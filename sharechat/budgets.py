@@ -159,10 +159,6 @@ class Budgets:
             _decrement(self._open, key)
             _decrement(self._in_room, room_id)
 
-    def refused(self, kind: str, detail: str) -> None:
-        """Log a refusal decided elsewhere (the frame budget of a connection)."""
-        self._refusals.refused(kind, detail)
-
     def _admit(self, key: str, room_id: UUID) -> None:
         if self._per_address and self._open.get(key, 0) >= self._per_address:
             self._refuse("ip-connections", key, "too many connections from your address",

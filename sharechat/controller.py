@@ -38,7 +38,12 @@ class LiveRoom:
 
 class Controller:
     def __init__(
-        self, repository: Repository, queue: Queue, config: Config, instance_id: UUID
+        self,
+        repository: Repository,
+        queue: Queue,
+        config: Config,
+        instance_id: UUID,
+        refusals: RefusalLog,
     ) -> None:
         self._repository = repository
         self._queue = queue
@@ -51,7 +56,7 @@ class Controller:
         self._unrecorded_leaves: list[tuple[UUID, Member]] = []
         self._background: set[asyncio.Task[Any]] = set()  # leaves and close handshakes
         self._stopping = asyncio.Event()
-        self._refusals = RefusalLog()
+        self._refusals = refusals
         self._flusher = Flusher(config, self._refusals)
         queue.on_message(self._dispatch)
 

@@ -19,6 +19,7 @@ from sharechat.config import Config
 from sharechat.controller import Controller
 from sharechat.domain import BackendUnavailable, Member, Message, MessageNotFound, RoomNotFound
 from sharechat.ports import Page
+from sharechat.refusals import RefusalLog
 from sharechat.session import Session
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", Config)
 CONTROLLER = web.AppKey("controller", Controller)
 BUDGETS = web.AppKey("budgets", Budgets)
+REFUSALS = web.AppKey("refusals", RefusalLog)
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_PAGE = 1000
@@ -60,6 +62,8 @@ def setup_routes(app: web.Application) -> None:
 
 
 async def index(request: web.Request) -> web.StreamResponse:
+    """The landing page, or for curl the server's URLs as the client reaches them
+    (behind a trusted TLS proxy: https:// and wss:// on the public host)."""
     if "text/html" in request.headers.get("Accept", ""):
         return web.FileResponse(STATIC_DIR / "index.html")
     base = f"{request.scheme}://{request.host}"
@@ -195,7 +199,7 @@ async def _read_frames(ws: web.WebSocketResponse, session: Session, app: web.App
     frames = RateLimiter(config.frame_budget, config.frame_burst)
     async for frame in ws:
         if not frames.allow():
-            app[BUDGETS].refused("frames", f"member {session.member.id}")
+            app[REFUSALS].refused("frames", f"member {session.member.id}")
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many frames")
             return
         if frame.type is WSMsgType.TEXT:
@@ -250,12 +254,31 @@ def _text_header(text: bytes) -> bytes:
 
 
 def _check_origin(request: web.Request, allowed: tuple[str, ...]) -> None:
+    """Only pages of allowed origins may open sockets from their visitors' browsers.
+
+    By default that is the server's own origin as this request names it (behind a
+    trusted proxy, the public one). Browsers always send Origin on websockets;
+    websocat and curl do not, and are not browsers a website could borrow.
+    """
     origin = request.headers.get("Origin")
-    # Browsers always send Origin on websockets; websocat and curl do not.
-    if "*" in allowed or not allowed:  # the own-origin default is not enforced yet
+    if origin is None or "*" in allowed:
         return
-    if origin is not None and origin.rstrip("/").lower() not in allowed:
-        raise web.HTTPForbidden(reason=f"origin {origin} is not allowed")
+    if allowed:
+        ok = _origin(origin) in {_origin(item) for item in allowed}
+    else:
+        ok = _origin(origin) == _origin(f"{request.scheme}://{request.host}")
+    if not ok:
+        request.app[REFUSALS].refused("origin", f"websocket from origin {origin[:200]!r}")
+        raise web.HTTPForbidden(reason="this origin may not open websockets here")
+
+
+def _origin(text: str) -> str:
+    """`scheme://host[:port]` as compared: lowercased, no trailing slash, no default port."""
+    origin = text.strip().rstrip("/").lower()
+    for scheme, port in (("http://", ":80"), ("https://", ":443")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin.removesuffix(port)
+    return origin
 
 
 def _refusal(error: Exception) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import uuid
 from typing import Any
@@ -14,7 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from sharechat import names
-from tests.conftest import Chat, StartServer
+from sharechat.app import create_app
+from sharechat.config import Config
+from tests.conftest import Chat
 from tests.helpers import (
     MESSAGE_KEYS,
     NAME_FORMAT,
@@ -469,52 +472,113 @@ async def test_client_files_are_revalidated(client: TestClient[Any, Any]) -> Non
 
 
 # -- origins -------------------------------------------------------------------------------
+# The check does not depend on the backend: these run on the memory backends only.
 
 
-async def test_allowed_origin_can_join(start_server: StartServer) -> None:
-    chat = Chat(await start_server(allowed_origins=("http://good.example",)))
-    room = await chat.room()
-    async with asyncio.timeout(WAIT):
-        ws, joined = await chat.join(room, headers={"Origin": "http://good.example"})
-    assert joined["roomId"] == room
-    await ws.close()
+async def origin_server(aiohttp_client: Any, **settings: Any) -> TestClient[Any, Any]:
+    config = Config(host="127.0.0.1", port=0, **settings)
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(config))
+    return client
 
 
-async def test_origins_compare_without_case_or_trailing_slash(start_server: StartServer) -> None:
-    chat = Chat(await start_server(allowed_origins=("http://good.example",)))
-    room = await chat.room()
-    async with asyncio.timeout(WAIT):
-        ws, joined = await chat.join(room, headers={"Origin": "HTTP://Good.Example/"})
-    assert joined["roomId"] == room
-    await ws.close()
-
-
-async def test_other_origin_is_403_before_upgrade(start_server: StartServer) -> None:
-    client = await start_server(allowed_origins=("http://good.example",))
+async def assert_joins(client: TestClient[Any, Any], headers: dict[str, str]) -> None:
     chat = Chat(client)
     room = await chat.room()
-    evil = {"Origin": "http://evil.example"}
-    await assert_handshake_refused(client, f"/api/serve/{room}", 403, headers=evil)
+    async with asyncio.timeout(WAIT):
+        ws, joined = await chat.join(room, headers=headers)
+        assert joined["roomId"] == room
+        await ws.close()
+
+
+async def assert_origin_refused(client: TestClient[Any, Any], headers: dict[str, str]) -> None:
+    """403 JSON before the upgrade, and the room never saw the attempt."""
+    chat = Chat(client)
+    room = await chat.room()
+    await assert_handshake_refused(client, f"/api/serve/{room}", 403, headers=headers)
     await assert_error(
-        client, "GET", f"/api/serve/{room}", 403, headers=websocket_upgrade_headers(**evil)
+        client, "GET", f"/api/serve/{room}", 403, headers=websocket_upgrade_headers(**headers)
     )
-    # Nobody joined: the refused attempts left no trace in the room.
     assert await chat.members(room) == []
     assert await chat.history(room) == []
 
 
-async def test_no_origin_header_is_always_allowed(start_server: StartServer) -> None:
-    chat = Chat(await start_server(allowed_origins=("http://good.example",)))
-    room = await chat.room()
-    async with asyncio.timeout(WAIT):
-        ws, joined = await chat.join(room)  # aiohttp sends no Origin unless asked, like websocat
-    assert joined["type"] == "joined"
-    await ws.close()
+def own_origin(client: TestClient[Any, Any]) -> str:
+    return f"http://127.0.0.1:{client.port}"
 
 
-async def test_any_origin_by_default(chat: Chat) -> None:
-    room = await chat.room()
-    async with asyncio.timeout(WAIT):
-        ws, joined = await chat.join(room, headers={"Origin": "http://anywhere.example"})
-    assert joined["roomId"] == room
-    await ws.close()
+async def test_own_origin_can_join_by_default(aiohttp_client: Any) -> None:
+    client = await origin_server(aiohttp_client)
+    await assert_joins(client, {"Origin": own_origin(client)})
+    await assert_joins(client, {"Origin": own_origin(client).upper() + "/"})
+
+
+async def test_own_origin_is_the_one_the_host_header_names(aiohttp_client: Any) -> None:
+    client = await origin_server(aiohttp_client)
+    # The scheme's default port is the same origin, written or not.
+    await assert_joins(client, {"Host": "chat.example", "Origin": "http://chat.example"})
+    await assert_joins(client, {"Host": "chat.example:80", "Origin": "http://Chat.Example"})
+    await assert_joins(client, {"Host": "chat.example", "Origin": "http://chat.example:80"})
+    await assert_origin_refused(client, {"Host": "chat.example", "Origin": "http://evil.example"})
+
+
+async def test_other_origins_are_403_before_upgrade_by_default(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await origin_server(aiohttp_client)
+    port = client.port
+    foreign = (
+        "http://evil.example",
+        f"https://127.0.0.1:{port}",  # another scheme is another origin
+        f"http://127.0.0.1:{port + 1}",
+        f"http://localhost:{port}",
+        "null",
+    )
+    with caplog.at_level(logging.WARNING, logger="sharechat.refusals"):
+        for origin in foreign:
+            await assert_origin_refused(client, {"Origin": origin})
+    # The operator sees one line a minute, the client's text quoted.
+    lines = [r.getMessage() for r in caplog.records if r.name == "sharechat.refusals"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("refused origin: websocket from origin 'http://evil.example' ")
+
+
+async def test_no_origin_header_is_always_allowed(aiohttp_client: Any) -> None:
+    # aiohttp sends no Origin unless asked, like websocat and curl.
+    await assert_joins(await origin_server(aiohttp_client), {})
+    listed = await origin_server(aiohttp_client, allowed_origins=("http://good.example",))
+    await assert_joins(listed, {})
+
+
+async def test_star_allows_any_origin(aiohttp_client: Any) -> None:
+    client = await origin_server(aiohttp_client, allowed_origins=("*",))
+    await assert_joins(client, {"Origin": "http://anywhere.example"})
+    await assert_joins(client, {"Origin": "null"})
+
+
+async def test_listed_origins_replace_the_default(aiohttp_client: Any) -> None:
+    listed = ("http://good.example", "https://other.example:8443")
+    client = await origin_server(aiohttp_client, allowed_origins=listed)
+    await assert_joins(client, {"Origin": "http://good.example"})
+    await assert_joins(client, {"Origin": "HTTP://Good.Example:80/"})
+    await assert_joins(client, {"Origin": "https://other.example:8443"})
+    await assert_origin_refused(client, {"Origin": "http://evil.example"})
+    await assert_origin_refused(client, {"Origin": "https://good.example"})
+    await assert_origin_refused(client, {"Origin": own_origin(client)})
+
+
+async def test_behind_a_trusted_proxy_the_public_origin_is_own(aiohttp_client: Any) -> None:
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "public.example"}
+    client = await origin_server(aiohttp_client, forwarded_allow_ips=("127.0.0.1/32",))
+    await assert_joins(client, {**proxied, "Origin": "https://public.example"})
+    await assert_joins(client, {**proxied, "Origin": "https://public.example:443"})
+    await assert_origin_refused(client, {**proxied, "Origin": "http://public.example"})
+    await assert_origin_refused(client, {**proxied, "Origin": own_origin(client)})
+
+
+async def test_forwarded_headers_from_an_untrusted_peer_do_not_make_an_origin_own(
+    aiohttp_client: Any,
+) -> None:
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"}
+    client = await origin_server(aiohttp_client, forwarded_allow_ips=("10.0.0.0/8",))
+    await assert_origin_refused(client, {**proxied, "Origin": "https://evil.example"})
+    await assert_joins(client, {**proxied, "Origin": own_origin(client)})

@@ -146,8 +146,8 @@ async def _joinable(
 ) -> bool:
     try:
         ws, _ = await join(http, server, room)
-    except aiohttp.WSServerHandshakeError as refused:
-        status = refused.status
+    except aiohttp.WSServerHandshakeError as error:
+        status = error.status
     else:
         await ws.close()
         return True
