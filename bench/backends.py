@@ -84,7 +84,18 @@ def command(backend: Backend, port: int) -> list[str]:
     if backend.bare:
         return [sys.executable, "-m", "bench.bare_server", *where]
     script = Path(sys.executable).with_name("sharechat")
-    return [str(script), "serve", *where, "--rate-limit", "0"]
+    return [str(script), "serve", *where, *UNLIMITED]
+
+
+# One load generator on 127.0.0.1 plays thousands of clients at machine speed: the
+# budgets per member, per address and per connection would measure themselves.
+UNLIMITED = (
+    "--rate-limit", "0",
+    "--ip-rate-limit", "0",
+    "--ip-connection-limit", "0",
+    "--room-create-limit", "0",
+    "--frame-budget", "0",
+)
 
 
 def environment(backend: Backend, database_url: str | None) -> dict[str, str]:
