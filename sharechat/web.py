@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import struct
@@ -42,7 +43,7 @@ WELCOME = """sharechat: anonymous chat rooms.
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/r/{room_id}", room_page)
-    app.router.add_static("/static/", STATIC_DIR)
+    app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/api/healthz", healthz)
     app.router.add_post("/api/room", create_room)
     app.router.add_get("/api/room/{room_id}", get_room)
@@ -65,6 +66,20 @@ async def index(request: web.Request) -> web.StreamResponse:
 async def room_page(request: web.Request) -> web.StreamResponse:
     # Always the page: it asks the API whether the room exists and says so itself.
     return web.FileResponse(STATIC_DIR / "room.html")
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file of the web client; anything else is a JSON 404. (aiohttp's static route
+    answers a missing file itself, past the middleware, with an empty 404.)"""
+    path = _static_files().get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
+
+
+@functools.cache
+def _static_files() -> dict[str, Path]:
+    return {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
