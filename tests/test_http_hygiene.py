@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 
-from tests.helpers import WAIT
-from tests.servers import Server, running_servers
+from tests.helpers import WAIT, receive_until
+from tests.servers import Server, create_room, get_json, join, running_servers
 
 HEADER_TIMEOUT = 1.0
 KEEPALIVE_TIMEOUT = 2.0
@@ -87,6 +88,85 @@ async def closed_after(reader: asyncio.StreamReader, opened: float) -> float:
 
 def log_lines(server: Server) -> list[str]:
     return server.output().splitlines()
+
+
+# -- timeouts ----------------------------------------------------------------------------
+
+
+async def test_slow_headers_are_cut_while_others_are_served(server: Server) -> None:
+    """200 connections that send half a request line are closed after the header
+    timeout; another client is served meanwhile."""
+    held = []
+    for _ in range(200):
+        reader, writer = await connect(server)
+        opened = time.monotonic()
+        writer.write(b"GET /api/hea")
+        held.append((reader, writer, opened))
+
+    connector = aiohttp.TCPConnector(local_addr=(OTHER_CLIENT, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        health = await get_json(http, f"{server.url}/api/healthz")
+    assert health["status"] == "ok"
+
+    waits = await asyncio.gather(*(closed_after(reader, opened) for reader, _, opened in held))
+    for _, writer, _ in held:
+        writer.close()
+    assert min(waits) >= HEADER_TIMEOUT - 0.1, waits
+    assert max(waits) <= HEADER_TIMEOUT + LATE, waits
+    refusals = [line for line in log_lines(server) if "refused slow-headers" in line]
+    assert len(refusals) == 1, refusals  # one line a minute, however many connections
+
+
+async def test_a_connection_that_sends_nothing_is_cut_too(server: Server) -> None:
+    reader, writer = await connect(server)
+    waited = await closed_after(reader, time.monotonic())
+    writer.close()
+    assert HEADER_TIMEOUT - 0.1 <= waited <= HEADER_TIMEOUT + LATE
+
+
+async def test_idle_keepalive_connection_is_closed_after_the_keepalive_timeout(
+    server: Server,
+) -> None:
+    """Between requests the keep-alive timeout applies, not the header timeout; once the
+    next request has begun, its headers have the header timeout again."""
+    reader, writer = await connect(server)
+    writer.write(b"GET /api/healthz HTTP/1.1\r\nHost: sharechat\r\n\r\n")
+    async with asyncio.timeout(WAIT):
+        await reader.readuntil(b"\r\n\r\n")
+        answered = time.monotonic()
+        await reader.readuntil(b"}")  # the body: the connection now idles
+    waited = await closed_after(reader, answered)
+    writer.close()
+    assert KEEPALIVE_TIMEOUT - 0.1 <= waited <= KEEPALIVE_TIMEOUT + LATE
+
+    reader, writer = await connect(server)
+    writer.write(b"GET /api/healthz HTTP/1.1\r\nHost: sharechat\r\n\r\n")
+    async with asyncio.timeout(WAIT):
+        await reader.readuntil(b"}")
+    writer.write(b"GET /api/hea")
+    started = time.monotonic()
+    waited = await closed_after(reader, started)
+    writer.close()
+    assert HEADER_TIMEOUT - 0.1 <= waited <= HEADER_TIMEOUT + LATE
+
+
+async def test_websockets_outlive_both_timeouts(server: Server) -> None:
+    async with aiohttp.ClientSession() as http:
+        room = await create_room(http, server)
+        ws, _ = await join(http, server, room)
+        # An idle keep-alive connection opened now: once it is closed, both timers
+        # would have fired for the websocket too.
+        reader, writer = await connect(server)
+        writer.write(b"GET /api/healthz HTTP/1.1\r\nHost: sharechat\r\n\r\n")
+        async with asyncio.timeout(WAIT):
+            await reader.readuntil(b"}")
+        await closed_after(reader, time.monotonic())
+        writer.close()
+
+        await ws.send_str("still here")
+        echo, _ = await receive_until(ws, lambda m: m["type"] == "chat")
+        assert echo["message"] == "still here"
+        await ws.close()
 
 
 # -- static files -------------------------------------------------------------------------

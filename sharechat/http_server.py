@@ -1,0 +1,122 @@
+"""aiohttp's HTTP server with the open internet's budgets: header and keep-alive timeouts.
+
+aiohttp closes an idle keep-alive connection, but sets no deadline for a request's
+headers: a client could open thousands of connections and send each a byte now and
+then. Here the headers must arrive within `header_timeout` seconds of the
+connection opening or, on a kept-alive connection, of the next request's first
+byte (between requests the keep-alive timeout applies); a connection that misses
+the deadline is closed. Once a whole request head is in, the clock is off: a
+websocket or a long answer is never cut by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from sharechat.refusals import RefusalLog
+
+
+class HttpRunner(web.AppRunner):
+    """web.AppRunner whose connections have a header deadline and our keep-alive timeout."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        header_timeout: float,
+        keepalive_timeout: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, keepalive_timeout=keepalive_timeout, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()  # starts the app, as AppRunner does
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            header_timeout=self._header_timeout,
+            **made._kwargs,  # what AppRunner hands every RequestHandler
+        )
+
+
+class _Server(web.Server):
+    """aiohttp's Server, making our kind of connection."""
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
+        self._refusals = RefusalLog()
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(
+            self,
+            loop=self._loop,
+            header_timeout=self._header_timeout,
+            refusals=self._refusals,
+            **self._kwargs,
+        )
+
+
+class _Connection(RequestHandler):
+    """One client connection, with a timer handle for its headers."""
+
+    __slots__ = ("_header_timeout", "_header_timer", "_refusals")
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        header_timeout: float,
+        refusals: RefusalLog,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._refusals = refusals
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_header_clock()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages:  # a whole request head (or a malformed one) is in: on time
+            self._stop_header_clock()
+        elif data and self._header_timer is None and self._waiting_for_request():
+            self._start_header_clock()  # the first bytes of a request on a kept-alive connection
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_header_clock()
+        super().connection_lost(exc)
+
+    def _waiting_for_request(self) -> bool:
+        """No request queued or being handled (the test aiohttp's keep-alive uses too)."""
+        return self._waiter is not None and not self._waiter.done()
+
+    def _start_header_clock(self) -> None:
+        self._header_timer = self._loop.call_later(self._header_timeout, self._headers_late)
+
+    def _stop_header_clock(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self._waiting_for_request():
+            self._refusals.refused(
+                "slow-headers",
+                f"no request headers within {self._header_timeout:g} s from {self._peer()!r}",
+            )
+            self.force_close()
+
+    def _peer(self) -> str:
+        peer = self.peername
+        return str(peer[0] if isinstance(peer, tuple) else peer)
