@@ -7,17 +7,33 @@ connection opening or, on a kept-alive connection, of the next request's first
 byte (between requests the keep-alive timeout applies); a connection that misses
 the deadline is closed. Once a whole request head is in, the clock is off: a
 websocket or a long answer is never cut by it.
+
+aiohttp's own error answers (a malformed request line or header, headers over the
+size limits) are JSON like every other error, and a client's malformed request is
+a rate-limited refusal line in the log, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
 from aiohttp.web_protocol import RequestHandler
 
 from sharechat.refusals import RefusalLog
+from sharechat.web import error_response
+
+log = logging.getLogger(__name__)
 
 
 class HttpRunner(web.AppRunner):
@@ -64,7 +80,7 @@ class _Server(web.Server):
 
 
 class _Connection(RequestHandler):
-    """One client connection, with a timer handle for its headers."""
+    """One client connection: a timer handle for the headers, JSON error answers."""
 
     __slots__ = ("_header_timeout", "_header_timer", "_refusals")
 
@@ -120,3 +136,43 @@ class _Connection(RequestHandler):
     def _peer(self) -> str:
         peer = self.peername
         return str(peer[0] if isinstance(peer, tuple) else peer)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse, or to a handler that raised
+        past the app's json_errors middleware: JSON, closing the connection."""
+        if isinstance(exc, ConnectionError) and self._client_left():
+            # A client that reset mid-request: no bug, and nobody to answer.
+            raise ConnectionError("the client left") from exc
+        if isinstance(exc, HttpProcessingError):
+            text = _what_was_wrong(exc)
+            self._refusals.refused("bad-request", f"{text} from {self._peer()!r}")
+        else:
+            text = HTTPStatus(status).phrase.lower()
+            log.error("%r %r failed", request.method, request.path, exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was sent already: the connection is broken")
+        response = error_response(status, text)
+        response.force_close()
+        return response
+
+    def _client_left(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+
+def _what_was_wrong(error: HttpProcessingError) -> str:
+    """A fixed text per kind of parse error: aiohttp's own quote the client's bytes."""
+    if isinstance(error, LineTooLong):
+        return "request line or header too long"
+    if isinstance(error, InvalidURLError):
+        return "malformed request target"
+    if isinstance(error, BadStatusLine):  # BadHttpMethod too
+        return "malformed request line"
+    if isinstance(error, InvalidHeader):
+        return "malformed header"
+    return "malformed request"

@@ -83,10 +83,14 @@ def _static_files() -> dict[str, Path]:
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    _add_security_headers(response, api=request.path.startswith("/api/"))
+
+
+def _add_security_headers(response: web.StreamResponse, *, api: bool) -> None:
     response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")
-    if not request.path.startswith("/api/"):
+    if not api:
         # Revalidate (ETag) every time, so an upgrade never runs with yesterday's JS.
         response.headers.setdefault("Cache-Control", "no-cache")
 
@@ -268,15 +272,24 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except MessageNotFound:
         return _error(400, "cursor is not a message of this room")
     except BackendUnavailable as error:
-        log.warning("%s %s: backend unavailable: %s", request.method, request.path, error)
+        # %r: a path can hold encoded line breaks, which must not forge log lines.
+        log.warning("%r %r: backend unavailable: %s", request.method, request.path, error)
         return _error(503, "service unavailable, try again")
     except web.HTTPException as error:
         if error.status < 400:
             raise
         return _error(error.status, _http_reason(error), error.headers.get("Allow"))
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
+    except Exception as error:
+        if isinstance(error, ConnectionError) and _client_left(request):
+            raise  # no bug and nobody to answer: the server drops the connection quietly
+        log.exception("%r %r failed", request.method, request.path)
         return _error(500, "internal error")
+
+
+def _client_left(request: web.Request) -> bool:
+    """The client reset the connection (mid-request, or while we answered its pings)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _http_reason(error: web.HTTPException) -> str:
@@ -291,6 +304,15 @@ def _error(status: int, text: str, allow: str | None = None) -> web.Response:
     response = _json_response(json.dumps({"error": text}).encode(), status)
     if allow:
         response.headers["Allow"] = allow
+    return response
+
+
+def error_response(status: int, text: str) -> web.Response:
+    """A JSON error for an answer made outside the app, by aiohttp itself (a request it
+    could not parse): with the security headers, which on_response_prepare adds only
+    to requests that reached the router."""
+    response = _error(status, text)
+    _add_security_headers(response, api=True)
     return response
 
 
