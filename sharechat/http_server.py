@@ -82,7 +82,7 @@ class _Server(web.Server):
 class _Connection(RequestHandler):
     """One client connection: a timer handle for the headers, JSON error answers."""
 
-    __slots__ = ("_header_timeout", "_header_timer", "_refusals")
+    __slots__ = ("_header_timeout", "_header_timer", "_in_request", "_refusals")
 
     def __init__(
         self,
@@ -95,6 +95,8 @@ class _Connection(RequestHandler):
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
+        # From a request head parsed to its answer written (a websocket: to its end).
+        self._in_request = False
         self._refusals = refusals
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,17 +106,21 @@ class _Connection(RequestHandler):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._messages:  # a whole request head (or a malformed one) is in: on time
+            self._in_request = True
             self._stop_header_clock()
-        elif data and self._header_timer is None and self._waiting_for_request():
+        elif data and not self._in_request and self._header_timer is None:
             self._start_header_clock()  # the first bytes of a request on a kept-alive connection
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        answered = await super().finish_response(request, resp, start_time)
+        self._in_request = bool(self._messages)  # pipelined requests are in already
+        return answered
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_header_clock()
         super().connection_lost(exc)
-
-    def _waiting_for_request(self) -> bool:
-        """No request queued or being handled (the test aiohttp's keep-alive uses too)."""
-        return self._waiter is not None and not self._waiter.done()
 
     def _start_header_clock(self) -> None:
         self._header_timer = self._loop.call_later(self._header_timeout, self._headers_late)
@@ -126,7 +132,7 @@ class _Connection(RequestHandler):
 
     def _headers_late(self) -> None:
         self._header_timer = None
-        if self._waiting_for_request():
+        if not self._in_request:
             self._refusals.refused(
                 "slow-headers",
                 f"no request headers within {self._header_timeout:g} s from {self._peer()!r}",
