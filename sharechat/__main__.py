@@ -85,6 +85,7 @@ async def _run_until_signalled(config: settings.Config) -> None:
     from aiohttp import web
 
     from sharechat.app import SHUTDOWN_GRACE, create_app
+    from sharechat.http_server import HttpRunner
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -98,8 +99,12 @@ async def _run_until_signalled(config: settings.Config) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    runner = web.AppRunner(
-        create_app(config), access_log=None, shutdown_timeout=SHUTDOWN_GRACE + 1
+    runner = HttpRunner(
+        create_app(config),
+        header_timeout=config.header_timeout,
+        keepalive_timeout=config.keepalive_timeout,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE + 1,
     )
     await runner.setup()
     try:

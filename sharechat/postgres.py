@@ -46,8 +46,12 @@ from sharechat.ports import Page
 log = logging.getLogger(__name__)
 
 # What aiopg and psycopg2 raise when the server is away, slow or confused; callers
-# see BackendUnavailable instead. Pool timeouts are TimeoutError.
-_DRIVER_ERRORS = (psycopg2.Error, OSError, TimeoutError)
+# see BackendUnavailable instead. Pool timeouts are TimeoutError. RuntimeError: on
+# uvloop, a connection the server refused leaves a closed poll handle on its file
+# descriptor, and the next connection given that descriptor fails in add_reader
+# (aio-libs/aiopg#909). Caught only around the pool and the statements (_cursor,
+# open_postgres_repository), never around code of ours that could have a bug.
+_DRIVER_ERRORS = (psycopg2.Error, OSError, TimeoutError, RuntimeError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ WELCOME = """sharechat: anonymous chat rooms.
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/r/{room_id}", room_page)
-    app.router.add_static("/static/", STATIC_DIR)
+    app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/api/healthz", healthz)
     app.router.add_post("/api/room", create_room)
     app.router.add_get("/api/room/{room_id}", get_room)
@@ -76,11 +77,29 @@ async def room_page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC_DIR / "room.html")
 
 
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file of the web client; anything else is a JSON 404. (aiohttp's static route
+    answers a missing file itself, past the middleware, with an empty 404.)"""
+    path = _static_files().get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
+
+
+@functools.cache
+def _static_files() -> dict[str, Path]:
+    return {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}
+
+
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    _add_security_headers(response, api=request.path.startswith("/api/"))
+
+
+def _add_security_headers(response: web.StreamResponse, *, api: bool) -> None:
     response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")
-    if not request.path.startswith("/api/"):
+    if not api:
         # Revalidate (ETag) every time, so an upgrade never runs with yesterday's JS.
         response.headers.setdefault("Cache-Control", "no-cache")
 
@@ -306,15 +325,24 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
         return response
     except BackendUnavailable as error:
-        log.warning("%s %s: backend unavailable: %s", request.method, request.path, error)
+        # %r: a path can hold encoded line breaks, which must not forge log lines.
+        log.warning("%r %r: backend unavailable: %s", request.method, request.path, error)
         return _error(503, "service unavailable, try again")
     except web.HTTPException as error:
         if error.status < 400:
             raise
         return _error(error.status, _http_reason(error), error.headers.get("Allow"))
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
+    except Exception as error:
+        if isinstance(error, ConnectionError) and _client_left(request):
+            raise  # no bug and nobody to answer: the server drops the connection quietly
+        log.exception("%r %r failed", request.method, request.path)
         return _error(500, "internal error")
+
+
+def _client_left(request: web.Request) -> bool:
+    """The client reset the connection (mid-request, or while we answered its pings)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _http_reason(error: web.HTTPException) -> str:
@@ -329,6 +357,15 @@ def _error(status: int, text: str, allow: str | None = None) -> web.Response:
     response = _json_response(json.dumps({"error": text}).encode(), status)
     if allow:
         response.headers["Allow"] = allow
+    return response
+
+
+def error_response(status: int, text: str) -> web.Response:
+    """A JSON error for an answer made outside the app, by aiohttp itself (a request it
+    could not parse): with the security headers, which on_response_prepare adds only
+    to requests that reached the router."""
+    response = _error(status, text)
+    _add_security_headers(response, api=True)
     return response
 
 
