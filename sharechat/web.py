@@ -35,6 +35,7 @@ MAX_PAGE = 1000
 # A frame over this many times --max-message-bytes closes the connection with 1009,
 # refused from its header before any of it is buffered; smaller ones get `failed`.
 FRAME_CEILING_FACTOR = 4
+CLOSE_HANDSHAKE_TIMEOUT = 2.0
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -195,6 +196,9 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
             # limit before any budget sees it, and chat text compresses little.
             compress=False,
             max_msg_size=FRAME_CEILING_FACTOR * config.max_message_bytes + 1,
+            # A client that does not answer our close frame (a flooder, a sloth) is
+            # cut off after this long rather than aiohttp's 10 s.
+            timeout=CLOSE_HANDSHAKE_TIMEOUT,
         )
         peer = WebSocketPeer(ws, request, await ws.prepare(request))
         try:
