@@ -21,6 +21,7 @@ from sharechat.domain import (
     Member,
     Message,
     Room,
+    chat_text,
     failed_message,
 )
 from sharechat.ports import Page, Peer, Queue, Repository
@@ -123,7 +124,8 @@ class Controller:
         answer is published at once, before anything else runs. So the room sees
         messages in the order of the history, and a member's in the order it sent them.
         """
-        if not text.strip():
+        text = chat_text(text)
+        if not text:
             return
         problem = self._problem_with(session, text)
         if problem:

@@ -67,6 +67,18 @@ class Message:
         return orjson.dumps(self.to_dict())
 
 
+def chat_text(frame: str) -> str:
+    r"""The message a client's text carries, or "" when there is none to store.
+
+    One trailing line break (`\n` or `\r\n`, which websocat's line mode sends) is
+    not part of the message; only one, so that a message may end with a blank
+    line. A text that is only whitespace carries no message.
+    """
+    if frame.endswith("\n"):
+        frame = frame[:-2] if frame.endswith("\r\n") else frame[:-1]
+    return frame if frame and not frame.isspace() else ""
+
+
 def failed_message(room_id: UUID, member: Member, reason: str) -> Message:
     """A message for the sender alone; never stored, never published."""
     return Message(
