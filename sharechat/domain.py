@@ -67,6 +67,22 @@ class Message:
         return orjson.dumps(self.to_dict())
 
 
+# to_json() writes the id first, as `{"id":"<36 characters>",`: a member can tell its
+# own message in the room's shared bytes without parsing them.
+_ID_START = len(b'{"id":"')
+_ID_END = _ID_START + 36
+
+
+def wire_id(payload: bytes) -> bytes:
+    """The id of a message in its wire form (to_json()), as UTF-8 bytes."""
+    return payload[_ID_START:_ID_END]
+
+
+def with_ref(payload: bytes, ref: str) -> bytes:
+    """A message's wire form with the client's `"ref"` as one more key, the last."""
+    return payload[:-1] + b',"ref":' + orjson.dumps(ref) + b"}"
+
+
 def chat_text(frame: str) -> str:
     r"""The message a client's text carries, or "" when there is none to store.
 
