@@ -13,7 +13,17 @@ import pytest
 from sharechat.budgets import RateLimiter
 from sharechat.config import Config
 from sharechat.controller import Controller
-from sharechat.domain import BackendUnavailable, Member, Message, Room
+from sharechat.domain import (
+    BackendUnavailable,
+    Member,
+    Message,
+    MessageType,
+    Room,
+    failed_message,
+    utcnow,
+    wire_id,
+    with_ref,
+)
 from sharechat.memory import MemoryQueue, MemoryRepository
 from sharechat.refusals import RefusalLog
 from sharechat.session import MAX_IN_FLIGHT, Session
@@ -43,6 +53,17 @@ async def receive_raw(ws: aiohttp.ClientWebSocketResponse) -> str:
 
 async def chats(chat: Chat, room: str) -> list[dict[str, Any]]:
     return [m for m in await chat.history(room) if m["type"] == "chat"]
+
+
+def test_the_wire_form_starts_with_the_id_and_takes_a_ref_at_its_end() -> None:
+    """What the echo splice relies on: to_json() writes the id first and ends with `}`."""
+    member = Member(id=uuid4(), name="Teal Otter")
+    message = Message(uuid4(), uuid4(), member.id, member.name, MessageType.CHAT, "}é\"", utcnow())
+    for payload in (message.to_json(), failed_message(uuid4(), member, "why").to_json()):
+        assert wire_id(payload) == str(json.loads(payload)["id"]).encode()
+        tagged = with_ref(payload, 'a "ref" é')
+        assert json.loads(tagged) == {**json.loads(payload), "ref": 'a "ref" é'}
+    assert wire_id(message.to_json()) == str(message.id).encode()
 
 
 async def test_the_handshake_answers_the_subprotocol(chat: Chat) -> None:
