@@ -21,7 +21,9 @@ from sharechat.domain import (
     Member,
     Message,
     Room,
+    chat_text,
     failed_message,
+    with_ref,
 )
 from sharechat.ports import Page, Peer, Queue, Repository
 from sharechat.refusals import RefusalLog
@@ -113,8 +115,12 @@ class Controller:
         log.debug("member joined %s %r room %s", member.id, member.name, room_id)
         return session
 
-    async def say(self, session: Session, text: str) -> None:
-        """One text frame from a member: check it, then store and publish it.
+    async def say(self, session: Session, text: str, ref: str | None = None) -> None:
+        """One message from a member: check it, then store and publish it.
+
+        `ref`, the client's tag (sharechat.v1), comes back in the echo of the message
+        and in any `failed` about it, to the sender alone; a message with a ref always
+        gets one of the two, even an empty one.
 
         Returns once the message is under way, so that a member may have several
         in flight (they share commits with the room's other writes); it waits while
@@ -123,35 +129,49 @@ class Controller:
         answer is published at once, before anything else runs. So the room sees
         messages in the order of the history, and a member's in the order it sent them.
         """
-        if not text.strip():
+        text = chat_text(text)
+        if not text:
+            if ref is not None:
+                self.reject(session, "empty message: nothing to send", ref)
             return
         problem = self._problem_with(session, text)
         if problem:
-            self.reject(session, problem)
+            self.reject(session, problem, ref)
             return
         await session.in_flight.acquire()
-        session.last_message = self._spawn(self._store_and_publish(session, text))
+        session.last_message = self._spawn(self._store_and_publish(session, text, ref))
 
-    async def _store_and_publish(self, session: Session, text: str) -> None:
+    async def _store_and_publish(self, session: Session, text: str, ref: str | None) -> None:
+        """With a ref, the message stays in flight until its echo is delivered: the
+        refs a member has pending are never more than MAX_IN_FLIGHT."""
+        echo_holds_slot = False
         try:
             try:
                 message = await self._repository.add_message(session.room_id, session.member, text)
             except BackendUnavailable as error:
                 log.warning("message of %s not stored: %s", session.member.id, error)
-                self.reject(session, "not sent: the message could not be stored")
+                self.reject(session, "not sent: the message could not be stored", ref)
                 return
+            if ref is not None:
+                # Before the publish: the echo may be delivered before publish() returns.
+                session.expect_echo(message.id, ref)
+                echo_holds_slot = True
             try:
                 await self._queue.publish(session.room_id, message.to_json())
             except BackendUnavailable as error:
                 log.warning("message %s not published: %s", message.id, error)
+                if ref is not None:
+                    session.forget_echo(message.id)
                 await self._forget(message)
-                self.reject(session, "not sent: the message could not be delivered")
+                self.reject(session, "not sent: the message could not be delivered", ref)
         finally:
-            session.in_flight.release()
+            if not echo_holds_slot:
+                session.in_flight.release()
 
-    def reject(self, session: Session, reason: str) -> None:
-        """A `failed` message for the sender alone."""
-        session.send(failed_message(session.room_id, session.member, reason).to_json())
+    def reject(self, session: Session, reason: str, ref: str | None = None) -> None:
+        """A `failed` message for the sender alone, with the client's ref if it sent one."""
+        payload = failed_message(session.room_id, session.member, reason).to_json()
+        session.send(payload if ref is None else with_ref(payload, ref))
 
     async def leave(self, session: Session) -> None:
         """Remove the member for good and tell the room; once per joined session.

@@ -67,6 +67,34 @@ class Message:
         return orjson.dumps(self.to_dict())
 
 
+# to_json() writes the id first, as `{"id":"<36 characters>",`: a member can tell its
+# own message in the room's shared bytes without parsing them.
+_ID_START = len(b'{"id":"')
+_ID_END = _ID_START + 36
+
+
+def wire_id(payload: bytes) -> bytes:
+    """The id of a message in its wire form (to_json()), as UTF-8 bytes."""
+    return payload[_ID_START:_ID_END]
+
+
+def with_ref(payload: bytes, ref: str) -> bytes:
+    """A message's wire form with the client's `"ref"` as one more key, the last."""
+    return payload[:-1] + b',"ref":' + orjson.dumps(ref) + b"}"
+
+
+def chat_text(frame: str) -> str:
+    r"""The message a client's text carries, or "" when there is none to store.
+
+    One trailing line break (`\n` or `\r\n`, which websocat's line mode sends) is
+    not part of the message; only one, so that a message may end with a blank
+    line. A text that is only whitespace carries no message.
+    """
+    if frame.endswith("\n"):
+        frame = frame[:-2] if frame.endswith("\r\n") else frame[:-1]
+    return frame if frame and not frame.isspace() else ""
+
+
 def failed_message(room_id: UUID, member: Member, reason: str) -> Message:
     """A message for the sender alone; never stored, never published."""
     return Message(

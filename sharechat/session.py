@@ -9,7 +9,7 @@ from uuid import UUID
 
 from sharechat.budgets import RateLimiter
 from sharechat.config import Config
-from sharechat.domain import Member
+from sharechat.domain import Member, wire_id, with_ref
 from sharechat.ports import Peer
 from sharechat.refusals import RefusalLog
 
@@ -58,6 +58,7 @@ class Session:
     __slots__ = (
         "_backlog",
         "_closing",
+        "_echoes",
         "_flusher",
         "_joined_payload",
         "_joining",
@@ -99,6 +100,9 @@ class Session:
         self._joining: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
         self._joined_payload: bytes | None = None
         self._closing: asyncio.Task[None] | None = None
+        # (message id as in the wire form, ref) of its messages whose echo carries a ref,
+        # in publish order; each holds an in-flight slot, so there are MAX_IN_FLIGHT at most.
+        self._echoes: list[tuple[bytes, str]] = []
         # Only while the peer reads slower than the room talks: waits for it to drain.
         self._writer: asyncio.Task[None] | None = None
 
@@ -116,7 +120,42 @@ class Session:
                 return
             self._joining.set_result(None)
             self._joining = self._joined_payload = None
+        if self._echoes:
+            payload = self._echo(payload)
         self.send(payload)
+
+    def expect_echo(self, message_id: UUID, ref: str) -> None:
+        """The echo of this stored message, about to be published, carries `ref`.
+
+        It takes over the message's in-flight slot: the slot is released when the
+        echo is delivered, or by forget_echo().
+        """
+        self._echoes.append((str(message_id).encode(), ref))
+
+    def forget_echo(self, message_id: UUID) -> None:
+        """The message was not published after all: release its slot, if still held."""
+        key = str(message_id).encode()
+        for index, (pending, _) in enumerate(self._echoes):
+            if pending == key:
+                del self._echoes[index]
+                self.in_flight.release()
+                return
+
+    def _echo(self, payload: bytes) -> bytes:
+        """The room's bytes, with its ref spliced in if this is one of the member's messages.
+
+        A member's messages reach it in the order they were published, so the ones
+        registered before this one whose echo has not come never will (lost with a
+        queue connection): their slots are released too.
+        """
+        key = wire_id(payload)
+        for index, (pending, ref) in enumerate(self._echoes):
+            if pending == key:
+                del self._echoes[: index + 1]
+                for _ in range(index + 1):
+                    self.in_flight.release()
+                return with_ref(payload, ref)
+        return payload
 
     def send(self, payload: bytes) -> None:
         if self._closing is not None:

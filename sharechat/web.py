@@ -12,13 +12,21 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
 from sharechat.budgets import BudgetExceeded, Budgets, RateLimiter
 from sharechat.config import Config
 from sharechat.controller import Controller
-from sharechat.domain import BackendUnavailable, Member, Message, MessageNotFound, RoomNotFound
+from sharechat.domain import (
+    BackendUnavailable,
+    Member,
+    Message,
+    MessageNotFound,
+    RoomNotFound,
+    chat_text,
+)
 from sharechat.ports import Page
 from sharechat.refusals import RefusalLog
 from sharechat.session import Session
@@ -36,6 +44,12 @@ MAX_PAGE = 1000
 # refused from its header before any of it is buffered; smaller ones get `failed`.
 FRAME_CEILING_FACTOR = 4
 CLOSE_HANDSHAKE_TIMEOUT = 2.0
+# The framing a client may ask for at the upgrade (Sec-WebSocket-Protocol): each frame
+# is a JSON object {"text": "<message>", "ref": "<tag>"}; without it, a frame is the text.
+PROTOCOL_V1 = "sharechat.v1"
+V1_KEYS = frozenset(("text", "ref"))
+MAX_REF_CHARS = 64
+V1_SHAPE = '{"text": "<message>", "ref": "<optional tag>"}'
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -199,6 +213,7 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
             # A client that does not answer our close frame (a flooder, a sloth) is
             # cut off after this long rather than aiohttp's 10 s.
             timeout=CLOSE_HANDSHAKE_TIMEOUT,
+            protocols=(PROTOCOL_V1,),
         )
         peer = WebSocketPeer(ws, request, await ws.prepare(request))
         try:
@@ -220,17 +235,66 @@ async def _read_frames(ws: web.WebSocketResponse, session: Session, app: web.App
     """Every frame the member sends, of every kind, spends one of its frame budget."""
     config, controller = app[CONFIG], app[CONTROLLER]
     frames = RateLimiter(config.frame_budget, config.frame_burst)
+    v1 = ws.ws_protocol == PROTOCOL_V1
     async for frame in ws:
         if not frames.allow():
             app[REFUSALS].refused("frames", f"member {session.member.id}")
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many frames")
             return
         if frame.type is WSMsgType.TEXT:
-            await controller.say(session, frame.data)
+            if not v1:
+                await controller.say(session, frame.data)
+            elif chat_text(frame.data):  # an empty line from websocat is ignored, as in plain
+                await _say_v1(controller, session, frame.data)
         elif frame.type is WSMsgType.BINARY:
             controller.reject(session, "binary frames are not supported: send text")
         elif frame.type is WSMsgType.PING:
             await ws.pong(frame.data)
+
+
+async def _say_v1(controller: Controller, session: Session, data: str) -> None:
+    try:
+        text, ref = decode_v1(data)
+    except MalformedFrame as error:
+        controller.reject(session, f"malformed frame: {error.reason}", error.ref)
+        return
+    await controller.say(session, text, ref)
+
+
+class MalformedFrame(Exception):
+    def __init__(self, reason: str, ref: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.ref = ref  # when it could be read: the `failed` carries it
+
+
+def decode_v1(data: str) -> tuple[str, str | None]:
+    """The text and the ref of a sharechat.v1 frame; raises MalformedFrame.
+
+    Strict, so that a client learns of its mistake rather than having it ignored:
+    a JSON object with a string `text`, an optional `ref` (a string of at most
+    MAX_REF_CHARS characters), and no other key. A ref that breaks its rule is
+    not read, so that the server never sends back more than MAX_REF_CHARS of it.
+    """
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise MalformedFrame(f"not JSON; send {V1_SHAPE}") from None
+    if not isinstance(frame, dict):
+        raise MalformedFrame(f"not a JSON object; send {V1_SHAPE}")
+    ref = frame.get("ref")
+    if "ref" in frame and (not isinstance(ref, str) or len(ref) > MAX_REF_CHARS):
+        raise MalformedFrame(f"ref must be a string of at most {MAX_REF_CHARS} characters")
+    unknown = next((key for key in frame if key not in V1_KEYS), None)
+    if unknown is not None:
+        name = json.dumps(unknown[:MAX_REF_CHARS], ensure_ascii=False)
+        raise MalformedFrame(f"unknown key {name}; send {V1_SHAPE}", ref)
+    if "text" not in frame:
+        raise MalformedFrame(f"text is missing; send {V1_SHAPE}", ref)
+    text = frame["text"]
+    if not isinstance(text, str):
+        raise MalformedFrame("text must be a string", ref)
+    return text, ref
 
 
 class WebSocketPeer:

@@ -169,6 +169,41 @@ class SocketSwitch:
         self.on = True
 
 
+class EchoHold:
+    """Holds back the echoes of the page's own messages while everything else reaches
+    it: the answers of a burst then come in an order that makes pairing by position
+    go wrong, the failures before the echoes of earlier messages.
+    """
+
+    def __init__(self, page: Page) -> None:
+        self.holding = True
+        self.held: list[str | bytes] = []
+        self._pages: list[WebSocketRoute] = []
+        page.route_web_socket("**/api/serve/*", self._route)
+
+    def _route(self, ws: WebSocketRoute) -> None:
+        self._pages.append(ws)
+        member: list[str] = []  # this connection's member, from its first frame (`joined`)
+
+        def from_server(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if not member:
+                member.append(frame["memberId"])
+            if self.holding and frame["type"] == "chat" and frame["memberId"] == member[0]:
+                self.held.append(message)
+            else:
+                ws.send(message)
+
+        ws.connect_to_server().on_message(from_server)
+
+    def release(self) -> None:
+        """Deliver what was held, in order, and stop holding."""
+        self.holding = False
+        held, self.held = self.held, []
+        for message in held:
+            self._pages[-1].send(message)
+
+
 def new_page(browser: Browser, watch: Watch, **context_options: Any) -> Page:
     context = browser.new_context(**context_options)
     page = context.new_page()

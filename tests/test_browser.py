@@ -14,6 +14,7 @@ from playwright.sync_api import Browser, Page, Playwright, Route, expect, sync_p
 from tests.browser_support import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    EchoHold,
     Server,
     SocketSwitch,
     Watch,
@@ -345,6 +346,59 @@ def test_rejected_message_is_marked_failed(server: Server, open_page: OpenPage) 
     expect(chat_texts(bob)).to_have_text(["a normal one"])
     expect(chat_texts(alice)).to_have_text(["a normal one"])
     expect(bob.locator("#messages")).not_to_contain_text("xxxxxxxx")
+
+
+def send_burst(page: Page, texts: list[str]) -> None:
+    """Send every text from one task of the page: none is answered before the last goes."""
+    page.evaluate(
+        """(texts) => {
+            const input = document.getElementById('input');
+            const composer = document.getElementById('composer');
+            for (const text of texts) {
+                input.value = text;
+                composer.requestSubmit();
+            }
+        }""",
+        texts,
+    )
+
+
+def test_failures_in_a_burst_mark_exactly_their_messages(
+    open_page: OpenPage, tmp_path: Path
+) -> None:
+    """Each `failed` names its message by ref: in a burst, the failed ones are marked,
+    wherever they are in it, and only they, even while earlier ones await their echo."""
+    flags = ("--max-message-bytes", "40", "--rate-burst", "8", "--rate-limit", "0.01")
+    with run_server(tmp_path / "serve.log", *flags, "--ip-rate-limit", "0") as server:
+        room = server.create_room()
+        url = server.room_url(room["roomId"])
+        alice, bob = open_page(), open_page()
+        hold = EchoHold(alice)
+        enter_room(alice, url)
+        enter_room(bob, url)
+
+        long = "x" * 41
+        texts = [f"{n} {long}" if n in (1, 2, 5) else f"short {n}" for n in range(12)]
+        # The first 8 are within the burst: 1, 2 and 5 are too long. The rest are over it.
+        too_long = [texts[n] for n in (1, 2, 5)]
+        over_rate = texts[8:]
+        sent = [text for n, text in enumerate(texts[:8]) if n not in (1, 2, 5)]
+        send_burst(alice, texts)
+
+        # Every failure is in, no echo yet: the failed ones are marked, the others pending.
+        failed = alice.locator("#messages li.chat.failed")
+        expect(failed.locator(".text")).to_have_text(too_long + over_rate)
+        reasons = failed.locator(".reason").all_text_contents()
+        assert all("too long" in reason for reason in reasons[:3]), reasons
+        assert all("rate limited" in reason for reason in reasons[3:]), reasons
+        expect(chat_texts(bob)).to_have_text(sent)
+        expect(alice.locator("#outbox li .text")).to_have_text(sent)
+
+        hold.release()
+        expect(chat_texts(alice)).to_have_text(sent)
+        expect(alice.locator("#outbox li")).to_have_count(0)  # every message answered
+        expect(failed).to_have_count(len(too_long + over_rate))
+        expect(bob.locator("#messages li.failed")).to_have_count(0)
 
 
 def test_missing_room_offers_a_new_one(server: Server, open_page: OpenPage) -> None:

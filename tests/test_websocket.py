@@ -114,6 +114,56 @@ async def test_empty_and_blank_frames_are_ignored(chat: Chat) -> None:
     assert [m["type"] for m in await chat.history(room)] == ["joined", "chat"]
 
 
+LINE_BREAKS = [
+    ("hello\n", "hello"),  # websocat's line mode
+    ("hello\r\n", "hello"),
+    ("a\n\n", "a\n"),  # only one line break is taken off
+    ("a\r\n\r\n", "a\r\n"),
+    ("a\n\r\n", "a\n"),
+    ("two\nlines\n", "two\nlines"),
+    ("  indented\n", "  indented"),
+    ("no break", "no break"),
+    ("carriage\r", "carriage\r"),  # a lone CR is not a line break
+    ("trailing space \n", "trailing space "),
+]
+
+
+async def test_one_trailing_line_break_is_not_part_of_the_message(chat: Chat) -> None:
+    room = await chat.room()
+    alice, _ = await chat.join(room)
+    bob, _ = await chat.join(room)
+    await receive_json(alice)  # bob joined
+    for frame, _ in LINE_BREAKS:
+        await alice.send_str(frame)
+    expected = [text for _, text in LINE_BREAKS]
+    echoes = [await receive_json(alice) for _ in LINE_BREAKS]
+    assert [echo["message"] for echo in echoes] == expected
+    assert [await receive_json(bob) for _ in LINE_BREAKS] == echoes
+    assert [m for m in await chat.history(room) if m["type"] == "chat"] == echoes
+
+
+async def test_line_breaks_alone_are_ignored(chat: Chat) -> None:
+    room = await chat.room()
+    alice, _ = await chat.join(room)
+    for blank in ("\n", "\r\n", "\n\n", "\r\n\r\n", " \n", "\t\r\n"):
+        await alice.send_str(blank)
+    await alice.send_str("after the blanks\n")
+    assert (await receive_json(alice))["message"] == "after the blanks"
+    assert [m["type"] for m in await chat.history(room)] == ["joined", "chat"]
+
+
+async def test_the_limit_counts_the_message_without_its_line_break(
+    start_server: StartServer,
+) -> None:
+    chat = Chat(await start_server(max_message_bytes=4))
+    room = await chat.room()
+    alice, _ = await chat.join(room)
+    await alice.send_str("four\r\n")
+    assert (await receive_json(alice))["message"] == "four"
+    await alice.send_str("five!\n")
+    assert (await receive_json(alice))["type"] == "failed"
+
+
 async def test_oversized_frame_fails_for_the_sender_alone(start_server: StartServer) -> None:
     chat = Chat(await start_server(max_message_bytes=8))
     room = await chat.room()

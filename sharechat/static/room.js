@@ -1,6 +1,10 @@
 // The room page: history from the API, live messages from the websocket,
 // reconnection that fills the gap with ?after=<last id seen>.
 //
+// The socket speaks sharechat.v1: each message goes out as {"text", "ref"}, and
+// its echo or the `failed` about it comes back with the same ref, so a failure
+// is shown on the very message it is about, however many are under way.
+//
 // Every text that comes from the network is put in the page with textContent,
 // never as HTML.
 
@@ -11,6 +15,7 @@ const GAP_PAGE = 1000; // the API's largest page, used to catch up after a recon
 const BACKOFF_BASE_MS = 500;
 const BACKOFF_CAP_MS = 20000;
 const ANNOUNCED_KEPT = 5; // lines left in the aria-live region
+const PROTOCOL = 'sharechat.v1';
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -54,7 +59,8 @@ const state = {
   socket: null,
   live: false, // socket open and history caught up: sending allowed
   gone: false, // the room answered 404: stop reconnecting
-  pending: [], // sent, not yet echoed: {text, memberId, li}
+  pending: [], // sent, not yet echoed: {text, ref, memberId, li}
+  lastRef: 0, // refs are unique for the page's life, across reconnects
   wake: null, // cuts the reconnect wait short
   unread: 0,
 };
@@ -245,12 +251,20 @@ function pendingItem(text) {
   return li;
 }
 
+/** The pending message a frame's ref names, or -1. */
+function pendingIndex(msg) {
+  return typeof msg.ref === 'string' ? state.pending.findIndex((p) => p.ref === msg.ref) : -1;
+}
+
 /** The echo of one of our own messages: it replaces the pending copy. */
 function settlePending(msg) {
-  let i = state.pending.findIndex((p) => p.memberId === msg.memberId && p.text === msg.message);
-  // The echo is the acknowledgement, in the order we sent: if the server
-  // normalised the text, the oldest pending message of that member is the one.
-  if (i < 0) i = state.pending.findIndex((p) => p.memberId === msg.memberId);
+  let i = pendingIndex(msg);
+  // No ref: the history shows what an earlier connection sent. Its text tells
+  // which; failing that, the echoes come in the order we sent.
+  if (i < 0 && typeof msg.ref !== 'string') {
+    i = state.pending.findIndex((p) => p.memberId === msg.memberId && p.text === msg.message);
+    if (i < 0) i = state.pending.findIndex((p) => p.memberId === msg.memberId);
+  }
   if (i < 0) return;
   const [p] = state.pending.splice(i, 1);
   p.li.remove();
@@ -282,11 +296,11 @@ function failPending(p, reason) {
   announce(`Message not sent: ${reason}`);
 }
 
-/** A `failed` frame is about our own last frame that has not been answered. */
+/** A `failed` frame is about the message its ref names, and no other. */
 function handleFailed(msg) {
-  const p = state.pending.find((x) => x.memberId === msg.memberId);
-  if (p) {
-    failPending(p, msg.message);
+  const i = pendingIndex(msg);
+  if (i >= 0) {
+    failPending(state.pending[i], msg.message);
     return;
   }
   const li = document.createElement('li');
@@ -301,9 +315,11 @@ function sendText(raw) {
   // Blank lines around a message are noise; indentation inside it is not.
   const text = raw.replace(/^(\s*\n)+/, '').replace(/\s+$/, '');
   if (!text || !state.live || !state.socket) return false;
-  state.socket.send(text);
+  state.lastRef += 1;
+  const ref = String(state.lastRef);
+  state.socket.send(JSON.stringify({ text, ref }));
   const li = pendingItem(text);
-  state.pending.push({ text, memberId: state.memberId, li });
+  state.pending.push({ text, ref, memberId: state.memberId, li });
   el.outbox.append(li);
   scrollToBottom();
   return true;
@@ -472,7 +488,7 @@ function connectOnce() {
   return new Promise((resolve) => {
     let ws;
     try {
-      ws = new WebSocket(wsUrl());
+      ws = new WebSocket(wsUrl(), PROTOCOL);
     } catch {
       resolve(false);
       return;
