@@ -62,11 +62,11 @@ class MemoryRepository:
     async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
         state = self._state(room_id)
         if page.after is not None:
-            start = state.position(page.after) + 1
-            end = len(state.messages) if page.limit is None else start + page.limit
-            return state.messages[start:end]
-        end = len(state.messages) if page.before is None else state.position(page.before)
-        start = 0 if page.limit is None else max(0, end - page.limit)
+            start, end = state.position(page.after) + 1, len(state.messages)
+        else:
+            start = 0
+            end = len(state.messages) if page.before is None else state.position(page.before)
+        start, end = page.window(start, end)
         return state.messages[start:end]
 
     async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:

@@ -353,8 +353,7 @@ class PostgresRepository:
     async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
         async with self._cursor() as cursor:
             after_seq, before_seq = await _page_bounds(cursor, room_id, page)
-            forward = page.after is not None
-            await (statements.PAGE_FORWARD if forward else statements.PAGE_BACKWARD).run(
+            await (statements.PAGE_FORWARD if page.forward else statements.PAGE_BACKWARD).run(
                 cursor,
                 room_id=room_id,
                 after_seq=after_seq,
@@ -362,7 +361,7 @@ class PostgresRepository:
                 limit=page.limit,
             )
             rows = await cursor.fetchall()
-        if not forward:
+        if not page.forward:
             rows.reverse()
         return [_message(room_id, row) for row in rows]
 
@@ -501,7 +500,7 @@ async def _page_bounds(cursor: aiopg.Cursor, room_id: UUID, page: Page) -> tuple
         return 0, statements.MAX_SEQ
     if seq is None:
         raise MessageNotFound(str(cursor_id))
-    return (seq, statements.MAX_SEQ) if page.after is not None else (0, seq)
+    return (seq, statements.MAX_SEQ) if page.forward else (0, seq)
 
 
 def _message(room_id: UUID, row: Sequence[Any]) -> Message:

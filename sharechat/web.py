@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractStreamWriter
 from sharechat.config import Config
 from sharechat.controller import Controller
 from sharechat.domain import BackendUnavailable, Member, Message, MessageNotFound, RoomNotFound
-from sharechat.ports import Page
+from sharechat.ports import MAX_PAGE, Page
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,6 @@ CONFIG = web.AppKey("config", Config)
 CONTROLLER = web.AppKey("controller", Controller)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_PAGE = 1000
 # Frames up to this size are read and answered with `failed`; larger ones close with 1009.
 FRAME_CEILING = 1 << 20
 CONTENT_SECURITY_POLICY = (
@@ -135,10 +134,10 @@ def _cursor(query: Any, name: str) -> UUID | None:
         raise web.HTTPBadRequest(reason=f"{name} must be a message id") from None
 
 
-def _limit(query: Any) -> int | None:
+def _limit(query: Any) -> int:
     value = query.get("limit")
     if value is None:
-        return None
+        return MAX_PAGE
     if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_PAGE:
         raise web.HTTPBadRequest(reason=f"limit must be a whole number from 1 to {MAX_PAGE}")
     return int(value)
