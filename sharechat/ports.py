@@ -49,7 +49,15 @@ class Page:
 
 
 class Repository(Protocol):
-    """Rooms, members and messages. Raises BackendUnavailable when it cannot answer."""
+    """Rooms, members and messages. Raises BackendUnavailable when it cannot answer.
+
+    A repository is built with `room_max_messages`, the bound on a room's
+    history (0: none). Each message stored is numbered one above the room's
+    newest (1 for the first), and whatever stores it also deletes the room's
+    messages numbered `room_max_messages` below it or more: once the call
+    returns, the room holds the bound at most, exactly the bound unless some
+    were deleted (delete_message) among the newest.
+    """
 
     async def ping(self) -> None: ...
 

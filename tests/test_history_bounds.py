@@ -1,5 +1,6 @@
 """The bounds on a room's history, on every backend: no answer holds more than
-1000 messages."""
+1000 messages, and a busy room keeps `--room-max-messages` at most, the oldest
+dropped first."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from uuid import uuid4
 import aiohttp
 import pytest
 
-from sharechat.domain import Member, Message, Room
+from sharechat.domain import Member, Message, MessageNotFound, Room
 from sharechat.memory import MemoryRepository
 from sharechat.ports import MAX_PAGE, Page, Repository
 from tests.conftest import Chat, StartServer
@@ -78,6 +79,33 @@ async def test_no_answer_holds_more_than_1000_messages(start_server: StartServer
         await ws.close()
 
 
+async def test_a_busy_room_keeps_only_its_newest_messages(start_server: StartServer) -> None:
+    client = await start_server(room_max_messages=50, **UNLIMITED)
+    chat = Chat(client)
+    async with asyncio.timeout(LONG):
+        room = await chat.room()
+        alice, joined = await chat.join(room)
+        history = [joined, *await say_all(alice, [f"m{n}" for n in range(130)])]
+        kept = await chat.history(room)
+        assert kept == history[-50:]
+
+        # A cursor at a message dropped from the history is one the room no longer has.
+        for dropped in (joined["id"], history[-51]["id"]):
+            for cursor in ("before", "after"):
+                status, body = await get(chat, f"/api/room/{room}/messages?{cursor}={dropped}")
+                assert status == 400, body
+                assert set(json.loads(body)) == {"error"}
+        oldest = kept[0]["id"]
+        assert await chat.history(room, f"?after={oldest}") == kept[1:]
+        assert await chat.history(room, f"?before={oldest}") == []
+
+        # Joins count as messages too.
+        bob, bob_joined = await chat.join(room)
+        assert await chat.history(room) == [*kept[1:], bob_joined]
+        await alice.close()
+        await bob.close()
+
+
 # --- the repositories themselves -------------------------------------------------------
 
 OpenRepository = Callable[[int], AbstractAsyncContextManager[Repository]]
@@ -90,7 +118,7 @@ def open_repository(request: pytest.FixtureRequest) -> OpenRepository:
 
         @contextlib.asynccontextmanager
         async def memory(room_max_messages: int) -> AsyncIterator[Repository]:
-            yield MemoryRepository()
+            yield MemoryRepository(room_max_messages=room_max_messages)
 
         return memory
     from sharechat.postgres import open_postgres_repository
@@ -99,7 +127,9 @@ def open_repository(request: pytest.FixtureRequest) -> OpenRepository:
 
     @contextlib.asynccontextmanager
     async def postgres(room_max_messages: int) -> AsyncIterator[Repository]:
-        async with open_postgres_repository(database_url) as repository:
+        async with open_postgres_repository(
+            database_url, room_max_messages=room_max_messages
+        ) as repository:
             yield repository
 
     return postgres
@@ -113,6 +143,66 @@ async def new_room(repository: Repository) -> Room:
 
 async def texts(repository: Repository, room: Room, page: Page | None = None) -> list[str]:
     return [m.message for m in await repository.list_messages(room.id, page or Page())]
+
+
+async def test_a_room_never_holds_more_than_the_bound(open_repository: OpenRepository) -> None:
+    async with asyncio.timeout(LONG), open_repository(5) as repository:
+        room, other = await new_room(repository), await new_room(repository)
+        member = Member(uuid4(), "Teal Otter")
+        for n in range(12):
+            await repository.add_message(room.id, member, f"m{n}")
+            assert await texts(repository, room) == [f"m{i}" for i in range(max(0, n - 4), n + 1)]
+        # Concurrent calls go in a few batches; more than the bound of one room in
+        # one batch would leave the batch's own oldest behind.
+        calls = [(room if n % 3 else other, f"c{n}") for n in range(40)]
+        await asyncio.gather(*(repository.add_message(r.id, member, t) for r, t in calls))
+        assert await texts(repository, room) == [t for r, t in calls if r is room][-5:]
+        assert await texts(repository, other) == [t for r, t in calls if r is other][-5:]
+        # Joins and leaves are messages of the room like any other.
+        await repository.add_member(room.id, member, uuid4())
+        await repository.remove_member(room.id, member)
+        assert (await texts(repository, room))[-2:] == ["Teal Otter joined", "Teal Otter left"]
+        assert len(await texts(repository, room)) == 5
+
+
+async def test_cursors_and_deletes_after_trimming(open_repository: OpenRepository) -> None:
+    """A message is numbered one above the room's newest, and a store drops those
+    numbered `bound` below it or more: a deleted message (its publish failed)
+    frees its place when it was the newest, else when it would have been dropped."""
+    async with asyncio.timeout(LONG), open_repository(3) as repository:
+        room = await new_room(repository)
+        member = Member(uuid4(), "Teal Otter")
+
+        async def say(text: str) -> Message:
+            return await repository.add_message(room.id, member, text)
+
+        stored = [await say(f"m{n}") for n in range(10)]
+        assert await texts(repository, room) == ["m7", "m8", "m9"]
+        await repository.delete_message(stored[8].id)
+        await repository.delete_message(stored[0].id)  # dropped already: nothing to do
+        assert await texts(repository, room) == ["m7", "m9"]
+        stored.append(await say("m10"))
+        assert await texts(repository, room) == ["m9", "m10"]
+        await repository.delete_message(stored[10].id)
+        stored += [await say("m11"), await say("m12")]
+        assert await texts(repository, room) == ["m9", "m11", "m12"]
+        assert await texts(repository, room, Page(after=stored[9].id)) == ["m11", "m12"]
+        assert await texts(repository, room, Page(before=stored[12].id)) == ["m9", "m11"]
+        assert await texts(repository, room, Page(before=stored[12].id, limit=1)) == ["m11"]
+        for gone in (stored[0].id, stored[7].id, stored[8].id, stored[10].id):
+            for page in (Page(before=gone), Page(after=gone)):
+                with pytest.raises(MessageNotFound):
+                    await repository.list_messages(room.id, page)
+        stored.append(await say("m13"))
+        assert await texts(repository, room) == ["m11", "m12", "m13"]
+
+
+async def test_a_bound_of_0_keeps_everything(open_repository: OpenRepository) -> None:
+    async with asyncio.timeout(LONG), open_repository(0) as repository:
+        room = await new_room(repository)
+        member = Member(uuid4(), "Teal Otter")
+        await asyncio.gather(*(repository.add_message(room.id, member, f"m{n}") for n in range(30)))
+        assert await texts(repository, room) == [f"m{n}" for n in range(30)]
 
 
 async def test_a_page_holds_1000_messages_at_most(open_repository: OpenRepository) -> None:
@@ -136,3 +226,18 @@ def test_a_page_asks_for_one_cursor_and_1_to_1000_messages() -> None:
     assert Page(after=uuid4()).window(10, 2000) == (10, 1010)
     assert Page(before=uuid4()).window(0, 2000) == (1000, 2000)
     assert Page(limit=5).window(0, 3) == (0, 3)
+
+
+async def test_memory_keeps_nothing_of_what_it_dropped() -> None:
+    """Trimming is O(1) a message: no list rebuilt per message, and no trace left."""
+    repository = MemoryRepository(room_max_messages=10)
+    room = await new_room(repository)
+    member = Member(uuid4(), "Teal Otter")
+    stored = [await repository.add_message(room.id, member, f"m{n}") for n in range(10_000)]
+    state = repository._rooms[room.id]
+    assert len(state.messages) <= 2 * 10
+    assert len(state.number_of) == 10
+    assert len(repository._message_rooms) == 10
+    assert await repository.list_messages(room.id, Page()) == stored[-10:]
+    assert await repository.delete_idle_rooms(0) == [room.id]
+    assert repository._message_rooms == {}
