@@ -65,7 +65,7 @@ def describe_backends(config: Config) -> str:
 @contextlib.asynccontextmanager
 async def open_repository(config: Config) -> AsyncIterator[Repository]:
     if not config.database_url:
-        yield MemoryRepository()
+        yield MemoryRepository(room_max_messages=config.room_max_messages)
         return
     # Imported here so that the embedded mode never needs aiopg.
     from sharechat.migrations import migrate
@@ -75,7 +75,10 @@ async def open_repository(config: Config) -> AsyncIterator[Repository]:
     if applied:
         log.info("migrations applied: %s", ", ".join(applied))
     async with open_postgres_repository(
-        config.database_url, pool_max=config.db_pool_size, timeout=config.backend_timeout
+        config.database_url,
+        pool_max=config.db_pool_size,
+        timeout=config.backend_timeout,
+        room_max_messages=config.room_max_messages,
     ) as repository:
         yield repository
 

@@ -6,6 +6,7 @@ configured runs on them.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from uuid import UUID, uuid4
@@ -24,28 +25,73 @@ from sharechat.ports import Deliver, Page, no_listener
 
 @dataclass
 class _RoomState:
+    """A room and its history.
+
+    The history is `messages[head:]`, oldest first, and `numbers[head:]` their
+    numbers (see Repository). Dropping the oldest only moves `head`; the dead
+    prefix is cut off once it is half the lists, so each message is moved once
+    at most: O(1) amortised.
+    """
+
     room: Room
     members: dict[UUID, Member] = field(default_factory=dict)
     messages: list[Message] = field(default_factory=list)
-    positions: dict[UUID, int] = field(default_factory=dict)  # message id -> index
+    numbers: list[int] = field(default_factory=list)
+    head: int = 0
+    number_of: dict[UUID, int] = field(default_factory=dict)  # of each message kept
     emptied_at: float | None = field(default_factory=time.monotonic)
 
-    def append(self, message: Message) -> Message:
-        self.positions[message.id] = len(self.messages)
+    @property
+    def size(self) -> int:
+        """Messages in the history."""
+        return len(self.messages) - self.head
+
+    def append(self, message: Message) -> int:
+        """Store the message as the newest; return its number."""
+        number = self.numbers[-1] + 1 if self.size else 1
+        self.number_of[message.id] = number
         self.messages.append(message)
-        return message
+        self.numbers.append(number)
+        return number
 
     def position(self, message_id: UUID) -> int:
+        """Where the message is in the history (0: the oldest kept)."""
         try:
-            return self.positions[message_id]
+            number = self.number_of[message_id]
         except KeyError:
             raise MessageNotFound(str(message_id)) from None
+        return bisect.bisect_left(self.numbers, number, self.head) - self.head
+
+    def history(self, start: int, end: int) -> list[Message]:
+        return self.messages[self.head + start : self.head + end]
+
+    def drop_up_to(self, number: int) -> list[Message]:
+        """Drop the messages numbered `number` or below; return them."""
+        dropped = []
+        while self.head < len(self.messages) and self.numbers[self.head] <= number:
+            dropped.append(self.messages[self.head])
+            del self.number_of[dropped[-1].id]
+            self.head += 1
+        if self.head * 2 >= len(self.messages):
+            del self.messages[: self.head]
+            del self.numbers[: self.head]
+            self.head = 0
+        return dropped
+
+    def delete(self, message_id: UUID) -> None:
+        """O(n), but rare: a message whose publish failed."""
+        index = self.position(message_id) + self.head
+        del self.messages[index]
+        del self.numbers[index]
+        del self.number_of[message_id]
 
 
 class MemoryRepository:
-    def __init__(self) -> None:
+    def __init__(self, *, room_max_messages: int = 0) -> None:
+        """`room_max_messages`: the history a room keeps, oldest dropped first; 0 = all."""
         self._rooms: dict[UUID, _RoomState] = {}
         self._message_rooms: dict[UUID, UUID] = {}
+        self._room_max_messages = room_max_messages
 
     async def ping(self) -> None:
         return None
@@ -62,12 +108,11 @@ class MemoryRepository:
     async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
         state = self._state(room_id)
         if page.after is not None:
-            start = state.position(page.after) + 1
-            end = len(state.messages) if page.limit is None else start + page.limit
-            return state.messages[start:end]
-        end = len(state.messages) if page.before is None else state.position(page.before)
-        start = 0 if page.limit is None else max(0, end - page.limit)
-        return state.messages[start:end]
+            start, end = state.position(page.after) + 1, state.size
+        else:
+            start = 0
+            end = state.size if page.before is None else state.position(page.before)
+        return state.history(*page.window(start, end))
 
     async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
         state = self._state(room_id)
@@ -89,10 +134,8 @@ class MemoryRepository:
     async def delete_message(self, message_id: UUID) -> None:
         room_id = self._message_rooms.pop(message_id, None)
         state = self._rooms.get(room_id) if room_id else None
-        if state is None or message_id not in state.positions:
-            return
-        state.messages.pop(state.positions.pop(message_id))
-        state.positions = {message.id: index for index, message in enumerate(state.messages)}
+        if state is not None:
+            state.delete(message_id)
 
     async def renew_lease(self, instance_id: UUID, lease_seconds: float) -> None:
         return None  # one process: its members live and die with it
@@ -111,8 +154,8 @@ class MemoryRepository:
             if state.emptied_at is not None and state.emptied_at <= deadline
         ]
         for room_id in idle:
-            for message in self._rooms.pop(room_id).messages:
-                self._message_rooms.pop(message.id, None)
+            for message_id in self._rooms.pop(room_id).number_of:
+                del self._message_rooms[message_id]
         return idle
 
     def _state(self, room_id: UUID) -> _RoomState:
@@ -132,7 +175,11 @@ class MemoryRepository:
             sent=utcnow(),
         )
         self._message_rooms[message.id] = state.room.id
-        return state.append(message)
+        number = state.append(message)
+        if self._room_max_messages and number > self._room_max_messages:
+            for dropped in state.drop_up_to(number - self._room_max_messages):
+                del self._message_rooms[dropped.id]
+        return message
 
 
 class MemoryQueue:

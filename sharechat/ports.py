@@ -13,22 +13,51 @@ from uuid import UUID
 
 from sharechat.domain import Member, Message, Room
 
+MAX_PAGE = 1000  # messages in one history answer, at most
+
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A slice of a room's history. At most one cursor; results oldest first.
+    """A slice of a room's history: the paging rule of every repository.
 
+    At most one cursor; results oldest first, never more than MAX_PAGE.
     No cursor or `before`: the newest `limit` messages of the selection.
     `after`: the oldest `limit` messages right after the cursor.
     """
 
     before: UUID | None = None
     after: UUID | None = None
-    limit: int | None = None
+    limit: int = MAX_PAGE
+
+    def __post_init__(self) -> None:
+        if self.before is not None and self.after is not None:
+            raise ValueError("a page has one cursor at most")
+        if not 1 <= self.limit <= MAX_PAGE:
+            raise ValueError(f"a page holds 1 to {MAX_PAGE} messages")
+
+    @property
+    def forward(self) -> bool:
+        """Paging forward (`after`) keeps the oldest of the selection, else the newest."""
+        return self.after is not None
+
+    def window(self, start: int, end: int) -> tuple[int, int]:
+        """The part of the selection `start`..`end` (positions oldest first, end
+        exclusive) that the page answers."""
+        if self.forward:
+            return start, min(end, start + self.limit)
+        return max(start, end - self.limit), end
 
 
 class Repository(Protocol):
-    """Rooms, members and messages. Raises BackendUnavailable when it cannot answer."""
+    """Rooms, members and messages. Raises BackendUnavailable when it cannot answer.
+
+    A repository is built with `room_max_messages`, the bound on a room's
+    history (0: none). Each message stored is numbered one above the room's
+    newest (1 for the first), and whatever stores it also deletes the room's
+    messages numbered `room_max_messages` below it or more: once the call
+    returns, the room holds the bound at most, exactly the bound unless some
+    were deleted (delete_message) among the newest.
+    """
 
     async def ping(self) -> None: ...
 

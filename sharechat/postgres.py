@@ -2,15 +2,20 @@
 
 Locking, in one sentence: everything that adds or removes a member or stores a
 message first locks its room row (FOR NO KEY UPDATE, several rooms in id order),
-so membership changes of a room never race each other, and a room's `seq`
+so membership changes of a room never race each other, and a room's message
 numbers are handed out in commit order (a reader paging with `after` can never
 see a gap that a slower transaction fills in later).
+
+Bounding, in another: the statement that stores a room's messages numbers them
+on from the room's newest and deletes those at or below the newest minus
+`room_max_messages` (one index range, only for a room over the bound), so the
+room never holds more once the call returns, whichever instance stored what.
 
 Writing, in one more: joins, leaves and chat messages all queue for one writer
 task (group commit), which applies whatever queued up meanwhile in one
 transaction (lock the rooms, then one statement for all the changes), so a
 burst costs a few commits (fsyncs) and round trips instead of a few per call,
-and a room's messages get their `seq` in the order the calls were made.
+and a room's messages get their numbers in the order the calls were made.
 """
 
 from __future__ import annotations
@@ -84,13 +89,18 @@ def _left(room_id: UUID, member: Member) -> _Draft:
     return _Draft(uuid4(), room_id, member, MessageType.LEFT, f"{member.name} left")
 
 
-async def _store(cursor: aiopg.Cursor, drafts: Sequence[_Draft]) -> list[Message]:
-    """Store the drafts in one statement; those whose room is gone are left out."""
+async def _store(
+    cursor: aiopg.Cursor, drafts: Sequence[_Draft], keep: int, *, lock: bool
+) -> list[Message]:
+    """Store the drafts in one statement, keeping `keep` messages a room; those whose
+    room is gone are left out. `lock`: lock their rooms first, in the same round trip;
+    else an earlier statement of the transaction has locked them. At most `keep`
+    drafts of one room (see statements._store)."""
     if not drafts:
         return []
     if len(drafts) == 1:
         (draft,) = drafts
-        await statements.INSERT_MESSAGE.run(
+        await (statements.STORE_MESSAGE if lock else statements.INSERT_MESSAGE).run(
             cursor,
             id=str(draft.id),
             room_id=str(draft.room_id),
@@ -98,10 +108,29 @@ async def _store(cursor: aiopg.Cursor, drafts: Sequence[_Draft]) -> list[Message
             member_name=draft.member.name,
             type=draft.type.value,
             message=draft.text,
+            keep=keep,
         )
     else:
-        await statements.INSERT_MESSAGES.run(cursor, drafts=_drafts_json(drafts))
+        await (statements.STORE_MESSAGES if lock else statements.INSERT_MESSAGES).run(
+            cursor,
+            room_ids=[str(room_id) for room_id in {draft.room_id for draft in drafts}],
+            drafts=_drafts_json(drafts),
+            keep=keep,
+        )
     return _stored(drafts, await cursor.fetchall())
+
+
+def _one_statement_each(drafts: Sequence[_Draft], keep: int) -> list[list[_Draft]]:
+    """The drafts in order, cut where one statement would store over `keep` of a room."""
+    runs: list[list[_Draft]] = [[]]
+    in_room: collections.Counter[UUID] = collections.Counter()
+    for draft in drafts:
+        if in_room[draft.room_id] == keep:
+            runs.append([])
+            in_room.clear()
+        in_room[draft.room_id] += 1
+        runs[-1].append(draft)
+    return runs
 
 
 def _drafts_json(drafts: Sequence[_Draft]) -> str:
@@ -160,7 +189,7 @@ class _Write:
         return self.draft.member.id
 
 
-async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write]) -> list[Message]:
+async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write], keep: int) -> list[Message]:
     """Apply a batch of writes inside a transaction; return the messages stored.
 
     Two statements: lock the rooms (all in one statement, so in id order), then
@@ -168,7 +197,8 @@ async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write]) -> list[Message
     room that is gone stores nothing, nor does the leave of a member that is
     gone already. A batch changes each member once at most (see
     _GroupCommit._next_batch), so within the statement no member's changes
-    need ordering; the messages are stored in the order of the writes.
+    need ordering; the messages are stored in the order of the writes, `keep` of
+    a room at most.
     """
     await statements.LOCK_ROOMS.run(cursor, room_ids=list({str(write.room_id) for write in writes}))
     live = {room_id for (room_id,) in await cursor.fetchall()}
@@ -188,6 +218,7 @@ async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write]) -> list[Message
         exit_room_ids=[str(write.room_id) for write in exits],
         erased_ids=[str(write.draft.id) for write in exits if write.kind is _Kind.ERASE],
         drafts=_drafts_json(drafts),
+        keep=keep,
     )
     return _stored(drafts, await cursor.fetchall())
 
@@ -221,10 +252,14 @@ class _GroupCommit:
     """
 
     def __init__(
-        self, apply: Callable[[list[_Write]], Awaitable[list[Message]]], max_batch: int
+        self,
+        apply: Callable[[list[_Write]], Awaitable[list[Message]]],
+        max_batch: int,
+        room_max_messages: int,
     ) -> None:
         self._apply = apply
         self._max_batch = max_batch
+        self._room_max_messages = room_max_messages
         self._queue: collections.deque[_Pending] = collections.deque()
         self._writer: asyncio.Task[None] | None = None
 
@@ -253,17 +288,26 @@ class _GroupCommit:
             self._writer = None
 
     def _next_batch(self) -> list[_Pending]:
-        """The oldest writes, in call order, up to `max_batch` or to a second join or
-        leave of one member, which waits for the next batch: a batch that both added
-        and removed a member would have to know which came first."""
+        """The oldest writes, in call order, up to `max_batch` or to one that waits for
+        the next batch: a second join or leave of one member (a batch that both added
+        and removed a member would have to know which came first), or a message over
+        `room_max_messages` for one room (a statement cannot delete its own rows)."""
         batch: list[_Pending] = []
         changing: set[UUID] = set()
+        room_max = self._room_max_messages
+        in_room: dict[int, int] = {}  # by the room id's int: UUID hashes in Python
         while self._queue and len(batch) < self._max_batch:
             write, _ = self._queue[0]
             if write.kind is not _Kind.CHAT:
                 if write.member_id in changing:
                     break
                 changing.add(write.member_id)
+            if room_max and write.kind is not _Kind.ERASE:
+                room = write.draft.room_id.int
+                stored = in_room.get(room, 0)
+                if stored == room_max:
+                    break
+                in_room[room] = stored + 1
             batch.append(self._queue.popleft())
         return [(write, future) for write, future in batch if not future.cancelled()]
 
@@ -318,10 +362,19 @@ def _own_copy(error: Exception) -> Exception:
 class PostgresRepository:
     """The Repository port on PostgreSQL; see the module docstring for the locking."""
 
-    def __init__(self, pool: aiopg.Pool, *, timeout: float, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        pool: aiopg.Pool,
+        *,
+        timeout: float,
+        max_batch: int = 500,
+        room_max_messages: int = 0,
+    ) -> None:
+        """`room_max_messages`: the history a room keeps, oldest dropped first; 0 = all."""
         self._pool = pool
         self._timeout = timeout
-        self._writes = _GroupCommit(self._commit, max_batch)
+        self._writes = _GroupCommit(self._commit, max_batch, room_max_messages)
+        self._keep = room_max_messages or statements.MAX_NUMBER
         self._available = True
 
     async def drain(self) -> None:
@@ -356,17 +409,16 @@ class PostgresRepository:
 
     async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
         async with self._cursor() as cursor:
-            after_seq, before_seq = await _page_bounds(cursor, room_id, page)
-            forward = page.after is not None
-            await (statements.PAGE_FORWARD if forward else statements.PAGE_BACKWARD).run(
+            after_number, before_number = await _page_bounds(cursor, room_id, page)
+            await (statements.PAGE_FORWARD if page.forward else statements.PAGE_BACKWARD).run(
                 cursor,
                 room_id=room_id,
-                after_seq=after_seq,
-                before_seq=before_seq,
+                after_number=after_number,
+                before_number=before_number,
                 limit=page.limit,
             )
             rows = await cursor.fetchall()
-        if not forward:
+        if not page.forward:
             rows.reverse()
         return [_message(room_id, row) for row in rows]
 
@@ -423,15 +475,31 @@ class PostgresRepository:
             # and a concurrent reaper sees them gone once we commit.
             await statements.DELETE_DEAD.run(cursor, expired=expired, room_ids=room_ids)
             dead = await cursor.fetchall()
-            left = await _store(
-                cursor,
-                [_left(room_id, Member(member_id, name)) for member_id, room_id, name in dead],
-            )
+            drafts = [_left(room_id, Member(member_id, name)) for member_id, room_id, name in dead]
+            left = []
+            for run in _one_statement_each(drafts, self._keep):
+                left += await _store(cursor, run, self._keep, lock=False)
             await statements.SETTLE_ROOMS.run(cursor, room_ids=room_ids)
             await statements.DELETE_INSTANCES.run(cursor, expired=expired)
         if expired or left:
             log.info("reaped %s dead instances and %s of their members", len(expired), len(left))
         return left
+
+    async def trim_rooms(self) -> int:
+        """Drop the messages of every room beyond the bound: those a lowered bound, or a
+        history from before sql/002, left over. Returns how many were dropped.
+
+        Stores drop only what their own messages push out, so this runs once, as the
+        repository opens. It may take long on a big database: it gets a minute at least.
+        """
+        if self._keep == statements.MAX_NUMBER:
+            return 0
+        async with self._cursor(max(self._timeout, 60.0)) as cursor:
+            await statements.TRIM_ROOMS.run(cursor, keep=self._keep)
+            dropped: int = cursor.rowcount
+        if dropped:
+            log.info("dropped %s messages of rooms over the bound of %s", dropped, self._keep)
+        return dropped
 
     async def delete_idle_rooms(self, idle_seconds: float) -> list[UUID]:
         async with self._cursor() as cursor:
@@ -443,12 +511,14 @@ class PostgresRepository:
 
     async def _commit(self, writes: list[_Write]) -> list[Message]:
         if all(write.kind is _Kind.CHAT for write in writes):
-            # One statement outside a transaction block, which PostgreSQL commits
-            # on its own: no round trips for BEGIN and COMMIT.
+            # Lock and store in one query outside a transaction block: PostgreSQL
+            # runs it as one transaction and commits it on its own, no round trips
+            # for BEGIN and COMMIT.
             async with self._cursor() as cursor:
-                return await _store(cursor, [write.draft for write in writes])
+                drafts = [write.draft for write in writes]
+                return await _store(cursor, drafts, self._keep, lock=True)
         async with self._transaction() as cursor:
-            return await _apply(cursor, writes)
+            return await _apply(cursor, writes, self._keep)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiopg.Cursor]:
@@ -456,9 +526,12 @@ class PostgresRepository:
             yield cursor
 
     @contextlib.asynccontextmanager
-    async def _cursor(self) -> AsyncIterator[aiopg.Cursor]:
+    async def _cursor(self, within: float | None = None) -> AsyncIterator[aiopg.Cursor]:
         try:
-            async with asyncio.timeout(self._timeout), self._pool.acquire() as connection:
+            async with (
+                asyncio.timeout(within or self._timeout),
+                self._pool.acquire() as connection,
+            ):
                 try:
                     async with connection.cursor() as cursor:
                         yield cursor
@@ -494,18 +567,18 @@ def _cancelled() -> bool:
 
 
 async def _page_bounds(cursor: aiopg.Cursor, room_id: UUID, page: Page) -> tuple[int, int]:
-    """The `seq` range (exclusive) that the page selects from; checks room and cursor."""
+    """The range of numbers (exclusive) that the page selects from; checks room and cursor."""
     cursor_id = page.after if page.after is not None else page.before
     await statements.FIND_CURSOR.run(cursor, room_id=room_id, cursor_id=cursor_id)
     row = await cursor.fetchone()
     if row is None:
         raise RoomNotFound(str(room_id))
-    seq = row[1]
+    number = row[1]
     if cursor_id is None:
-        return 0, statements.MAX_SEQ
-    if seq is None:
+        return 0, statements.MAX_NUMBER
+    if number is None:
         raise MessageNotFound(str(cursor_id))
-    return (seq, statements.MAX_SEQ) if page.after is not None else (0, seq)
+    return (number, statements.MAX_NUMBER) if page.forward else (0, number)
 
 
 def _message(room_id: UUID, row: Sequence[Any]) -> Message:
@@ -528,11 +601,13 @@ async def open_postgres_repository(
     pool_min: int = 1,
     pool_max: int = 10,
     timeout: float = 5.0,  # noqa: ASYNC109 - bounds each statement, it is no deadline
+    room_max_messages: int = 0,
 ) -> AsyncIterator[PostgresRepository]:
     """A repository on a pool of `dsn` (postgresql:// or postgres://); does not migrate.
 
     `timeout` bounds each call, from the wait for a connection to the commit:
-    past it the call raises BackendUnavailable.
+    past it the call raises BackendUnavailable. `room_max_messages`: the history
+    a room keeps, oldest dropped first; 0 = all (see PostgresRepository.trim_rooms).
     """
     try:
         async with asyncio.timeout(timeout):
@@ -551,8 +626,12 @@ async def open_postgres_repository(
             )
     except _DRIVER_ERRORS as error:
         raise BackendUnavailable(f"PostgreSQL: {_reason(error)}") from error
-    repository = PostgresRepository(pool, timeout=timeout)
+    repository = PostgresRepository(pool, timeout=timeout, room_max_messages=room_max_messages)
     try:
+        try:
+            await repository.trim_rooms()
+        except BackendUnavailable as error:  # the next start tries again
+            log.warning("rooms over the bound not trimmed: %s", error)
         yield repository
     finally:
         await repository.drain()

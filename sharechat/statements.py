@@ -63,7 +63,9 @@ messages = sa.Table(
     sa.Column("type", message_type, nullable=False),
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("sent", sa.DateTime(timezone=True), nullable=False),
-    sa.Index("messages_room_id_seq_idx", "room_id", "seq"),
+    # 1, 2, 3, ... in the room's history; see sql/002_message_numbers.sql.
+    sa.Column("number", sa.BigInteger, nullable=False),
+    sa.Index("messages_room_id_number_idx", "room_id", "number", unique=True),
 )
 
 instances = sa.Table(
@@ -76,7 +78,7 @@ instances = sa.Table(
 _dialect = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]
 # The same, with $1, $2, ... placeholders: the form PREPARE takes.
 _numbered_dialect = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
-MAX_SEQ = 2**63 - 1
+MAX_NUMBER = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,14 @@ class Statement:
         return cls(
             f"EXECUTE {name}({arguments})", _constants(numbered), f"PREPARE {name} AS {numbered}"
         )
+
+    @classmethod
+    def chain(cls, *statements: Statement) -> Statement:
+        """The statements sent as one query, in one round trip. PostgreSQL runs
+        them in one transaction (an implicit one, unless inside a block), each
+        with a snapshot of its own; the rows are the last one's."""
+        constants = {name: value for s in statements for name, value in s.constants.items()}
+        return cls("; ".join(statement.sql for statement in statements), constants)
 
     async def run(self, cursor: aiopg.Cursor, /, **params: Any) -> None:
         await cursor.execute(self.sql, {**self.constants, **params})
@@ -154,55 +164,126 @@ def _drafts() -> sa.CTE:
     return sa.select(rows).cte("new")
 
 
-def _message_rows(new: sa.CTE) -> sa.Select[Any]:
-    return sa.select(
-        new.c.id,
-        new.c.room_id,
-        new.c.member_id,
-        new.c.member_name,
-        sa.cast(new.c.type, message_type),
-        new.c.message,
-        # Evaluated per row after the ORDER BY, so `sent` follows `seq`.
+def _newest_number(room_id: sa.ColumnElement[UUID]) -> sa.ScalarSelect[int]:
+    """The number of the room's newest message, 0 for none; one step down an index."""
+    newest = sa.func.coalesce(sa.func.max(messages.c.number), sa.literal_column("0"))
+    return sa.select(newest).where(messages.c.room_id == room_id).scalar_subquery()
+
+
+def _numbered(new: sa.CTE) -> sa.CTE:
+    """The drafts of `new` whose room exists, numbered on from the room's newest, in
+    the order of `n`."""
+    newest = (
+        sa.select(rooms.c.id, _newest_number(rooms.c.id).label("number"))
+        .where(rooms.c.id.in_(sa.select(new.c.room_id)))
+        .cte("newest")
+        .prefix_with("MATERIALIZED")  # once per room, not once per draft
+    )
+    rank = sa.func.row_number().over(partition_by=new.c.room_id, order_by=new.c.n)
+    return (
+        sa.select(new, (newest.c.number + rank).label("number"))
+        .join_from(new, newest, newest.c.id == new.c.room_id)
+        .cte("numbered")
+    )
+
+
+def _lone_numbered() -> sa.CTE:
+    """_numbered for one message, a parameter per column: no JSON to parse, no window."""
+    return (
+        sa.select(
+            sa.literal_column("0", sa.Integer).label("n"),
+            sa.bindparam("id", type_=sa.Uuid).label("id"),
+            rooms.c.id.label("room_id"),
+            sa.bindparam("member_id", type_=sa.Uuid).label("member_id"),
+            sa.bindparam("member_name", type_=sa.Text).label("member_name"),
+            sa.bindparam("type", type_=sa.Text).label("type"),
+            sa.bindparam("message", type_=sa.Text).label("message"),
+            (_newest_number(rooms.c.id) + sa.literal_column("1")).label("number"),
+        )
+        .where(rooms.c.id == sa.bindparam("room_id", type_=sa.Uuid))
+        .cte("numbered")
+    )
+
+
+def _store(numbered: sa.CTE, spans: sa.FromClause) -> tuple[sa.CTE, sa.CTE]:
+    """Store the `numbered` drafts in the order of `n`, and trim their rooms to the
+    newest `keep` messages. `spans` has a row (room_id, first, last) for each room:
+    the numbers of its first and last draft. Returns `stored` (id as text and sent
+    of each message stored) and `trimmed`, the delete: add both to the statement.
+
+    The rooms must be locked by an earlier statement of the transaction: then this
+    statement's snapshot, taken after, holds every message of those rooms, so the
+    numbers go on from the true newest and the delete sees every message it must
+    delete, whichever instance stored it. It cannot see the rows of its own
+    statement: a statement stores `keep` messages of a room at most (see
+    postgres._GroupCommit), and those never need deleting.
+
+    Storing `first`..`last` drops `first - keep`..`last - keep`: what lies below was
+    dropped by the stores before (TRIM_ROOMS makes it so at start-up, for a bound
+    lowered since). Bounded below, the delete never walks the dead index entries of
+    the messages dropped before, which pile up in a busy room until VACUUM.
+    """
+    rows = sa.select(
+        numbered.c.id,
+        numbered.c.room_id,
+        numbered.c.member_id,
+        numbered.c.member_name,
+        sa.cast(numbered.c.type, message_type),
+        numbered.c.message,
+        numbered.c.number,
+        # Evaluated per row after the ORDER BY, so `sent` follows `seq` and `number`.
         sa.func.clock_timestamp(),
-    ).order_by(new.c.n)
-
-
-def _insert_rows(rows: sa.Select[Any]) -> sa.Insert:
-    columns = ["id", "room_id", "member_id", "member_name", "type", "message", "sent"]
+    ).order_by(numbered.c.n)
+    columns = ["id", "room_id", "member_id", "member_name", "type", "message", "number", "sent"]
     # The id as text: it is matched with the text the caller sent, no uuid parsed per row.
     stored_id = sa.cast(messages.c.id, sa.Text).label("id")
-    return sa.insert(messages).from_select(columns, rows).returning(stored_id, messages.c.sent)
+    stored = (
+        sa.insert(messages)
+        .from_select(columns, rows)
+        .returning(stored_id, messages.c.sent)
+        .cte("stored")
+    )
+    keep = sa.bindparam("keep", type_=sa.BigInteger)
+    trimmed = (
+        sa.delete(messages)
+        .where(
+            messages.c.room_id == spans.c.room_id,
+            messages.c.number.between(spans.c.first - keep, spans.c.last - keep),
+            # Only the rooms over the bound: below it the delete reads no index at all.
+            spans.c.last > keep,
+        )
+        .cte("trimmed")
+    )
+    return stored, trimmed
 
 
-def _locked_cte(which: sa.ColumnElement[bool]) -> sa.CTE:
-    # MATERIALIZED: the rooms are locked before any row is inserted.
-    return _locked_rooms(which).cte("locked").prefix_with("MATERIALIZED")
+def _spans(numbered: sa.CTE) -> sa.Subquery:
+    first, last = sa.func.min(numbered.c.number), sa.func.max(numbered.c.number)
+    return (
+        sa.select(numbered.c.room_id, first.label("first"), last.label("last"))
+        .group_by(numbered.c.room_id)
+        .subquery("spans")
+    )
 
 
-def _insert_messages() -> sa.Insert:
-    """Store many messages in one statement, in the order given, rooms locked first.
+def _insert_messages() -> sa.Select[tuple[str, datetime]]:
+    """Store many messages in one statement, in the order given (see _store).
 
     Rows whose room no longer exists are skipped instead of failing the batch.
     """
-    new = _drafts()
-    locked = _locked_cte(rooms.c.id.in_(sa.select(new.c.room_id)))
-    return _insert_rows(_message_rows(new).join_from(new, locked, locked.c.id == new.c.room_id))
+    numbered = _numbered(_drafts())
+    stored, trimmed = _store(numbered, _spans(numbered))
+    return sa.select(stored.c.id, stored.c.sent).add_cte(trimmed)
 
 
-def _insert_message() -> sa.Insert:
-    """_insert_messages for one message: no arrays to unnest, a quarter less time in
-    PostgreSQL, which is most of what a message costs when it travels alone."""
-    locked = _locked_cte(rooms.c.id == sa.bindparam("room_id", type_=sa.Uuid))
-    row = sa.select(
-        sa.bindparam("id", type_=sa.Uuid),
-        locked.c.id,
-        sa.bindparam("member_id", type_=sa.Uuid),
-        sa.bindparam("member_name", type_=sa.Text),
-        sa.cast(sa.bindparam("type", type_=sa.Text), message_type),
-        sa.bindparam("message", type_=sa.Text),
-        sa.func.clock_timestamp(),
-    )
-    return _insert_rows(row)
+def _insert_message() -> sa.Select[tuple[str, datetime]]:
+    """_insert_messages for one message, the cheaper for it when it travels alone."""
+    numbered = _lone_numbered()
+    span = sa.select(
+        numbered.c.room_id, numbered.c.number.label("first"), numbered.c.number.label("last")
+    ).subquery("spans")
+    stored, trimmed = _store(numbered, span)
+    return sa.select(stored.c.id, stored.c.sent).add_cte(trimmed)
 
 
 def _insert_members() -> sa.Insert:
@@ -262,7 +343,8 @@ def _apply_changes() -> sa.Select[tuple[UUID, datetime]]:
     new = _drafts()
     # A `left` only for a member removed here: one that was gone already had its own.
     kept = sa.or_(new.c.type != MessageType.LEFT.value, new.c.member_id.in_(were_here))
-    stored = _insert_rows(_message_rows(new).where(kept)).cte("stored")
+    numbered = _numbered(sa.select(new).where(kept).cte("kept"))
+    stored, trimmed = _store(numbered, _spans(numbered))
     erased = (
         sa.delete(messages)
         .where(messages.c.id == sa.any_(_uuids("erased_ids")), messages.c.member_id.in_(were_here))
@@ -270,7 +352,7 @@ def _apply_changes() -> sa.Select[tuple[UUID, datetime]]:
     )
     settled = _settle_changed(joined, gone).cte("settled")
     # Data-modifying CTEs run whether or not the query reads them; add_cte renders them.
-    return sa.select(stored.c.id, stored.c.sent).add_cte(joined, gone, erased, settled)
+    return sa.select(stored.c.id, stored.c.sent).add_cte(joined, gone, erased, settled, trimmed)
 
 
 def _settle_changed(joined: sa.CTE, gone: sa.CTE) -> sa.Update:
@@ -338,7 +420,7 @@ LIST_MEMBERS = Statement.compile(
 FIND_CURSOR = Statement.compile(
     sa.select(
         rooms.c.id,
-        sa.select(messages.c.seq)
+        sa.select(messages.c.number)
         .where(messages.c.id == sa.bindparam("cursor_id"), messages.c.room_id == rooms.c.id)
         .scalar_subquery(),
     ).where(rooms.c.id == sa.bindparam("room_id"))
@@ -357,19 +439,24 @@ def _page(order: sa.UnaryExpression[Any]) -> Statement:
         )
         .where(
             messages.c.room_id == sa.bindparam("room_id"),
-            messages.c.seq > sa.bindparam("after_seq"),
-            messages.c.seq < sa.bindparam("before_seq"),
+            messages.c.number > sa.bindparam("after_number"),
+            messages.c.number < sa.bindparam("before_number"),
         )
         .order_by(order)
         .limit(sa.bindparam("limit"))
     )
 
 
-PAGE_BACKWARD = _page(messages.c.seq.desc())
-PAGE_FORWARD = _page(messages.c.seq.asc())
+PAGE_BACKWARD = _page(messages.c.number.desc())
+PAGE_FORWARD = _page(messages.c.number.asc())
 
 LOCK_ROOMS = Statement.prepared(
     "sharechat_lock_rooms", _locked_rooms(rooms.c.id == sa.any_(_uuids("room_ids")))
+)
+# LOCK_ROOMS for one room: planned once per connection (for an array, PostgreSQL
+# plans each call anew).
+LOCK_ROOM = Statement.prepared(
+    "sharechat_lock_room", _locked_rooms(rooms.c.id == sa.bindparam("room_id", type_=sa.Uuid))
 )
 APPLY_CHANGES = Statement.prepared("sharechat_apply_changes", _apply_changes())
 SETTLE_ROOMS = Statement.compile(
@@ -378,14 +465,18 @@ SETTLE_ROOMS = Statement.compile(
         sa.exists().where(members.c.room_id == rooms.c.id),
     )
 )
+# For rooms locked already (an earlier statement of the transaction): see _store.
 INSERT_MESSAGES = Statement.prepared("sharechat_insert_messages", _insert_messages())
 INSERT_MESSAGE = Statement.prepared("sharechat_insert_message", _insert_message())
+# The same, rooms locked first: two statements, one round trip, one transaction.
+STORE_MESSAGES = Statement.chain(LOCK_ROOMS, INSERT_MESSAGES)
+STORE_MESSAGE = Statement.chain(LOCK_ROOM, INSERT_MESSAGE)
 DELETE_MESSAGE = Statement.compile(
     sa.delete(messages).where(messages.c.id == sa.bindparam("message_id"))
 )
 
 # The statements of the writer, which runs for every message, join and leave.
-HOT = (LOCK_ROOMS, APPLY_CHANGES, INSERT_MESSAGES, INSERT_MESSAGE)
+HOT = (LOCK_ROOMS, LOCK_ROOM, APPLY_CHANGES, INSERT_MESSAGES, INSERT_MESSAGE)
 
 
 async def prepare_on(connection: aiopg.Connection) -> None:
@@ -420,3 +511,18 @@ DELETE_INSTANCES = Statement.compile(
     sa.delete(instances).where(instances.c.id == sa.any_(_uuids("expired")))
 )
 DELETE_IDLE_ROOMS = Statement.compile(_delete_idle_rooms())
+
+
+def _trim_rooms() -> sa.Delete:
+    """Drop every room's messages beyond the newest `keep`, whatever lies below."""
+    keep = sa.bindparam("keep", type_=sa.BigInteger)
+    newest = sa.select(rooms.c.id, _newest_number(rooms.c.id).label("number")).subquery("newest")
+    return sa.delete(messages).where(
+        messages.c.room_id == newest.c.id,
+        messages.c.number <= newest.c.number - keep,
+        newest.c.number > keep,
+    )
+
+
+# Once at start-up: the stores only drop what their own messages push out (see _store).
+TRIM_ROOMS = Statement.compile(_trim_rooms())

@@ -27,7 +27,7 @@ from sharechat.domain import (
     RoomNotFound,
     chat_text,
 )
-from sharechat.ports import Page
+from sharechat.ports import MAX_PAGE, Page
 from sharechat.refusals import RefusalLog
 from sharechat.session import Session
 
@@ -39,7 +39,6 @@ BUDGETS = web.AppKey("budgets", Budgets)
 REFUSALS = web.AppKey("refusals", RefusalLog)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_PAGE = 1000
 # A frame over this many times --max-message-bytes closes the connection with 1009,
 # refused from its header before any of it is buffered; smaller ones get `failed`.
 FRAME_CEILING_FACTOR = 4
@@ -179,10 +178,10 @@ def _cursor(query: Any, name: str) -> UUID | None:
         raise web.HTTPBadRequest(reason=f"{name} must be a message id") from None
 
 
-def _limit(query: Any) -> int | None:
+def _limit(query: Any) -> int:
     value = query.get("limit")
     if value is None:
-        return None
+        return MAX_PAGE
     if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_PAGE:
         raise web.HTTPBadRequest(reason=f"limit must be a whole number from 1 to {MAX_PAGE}")
     return int(value)

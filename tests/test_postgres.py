@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from sharechat import statements
 from sharechat.domain import (
     BackendUnavailable,
     Member,
@@ -163,6 +164,44 @@ async def test_concurrent_migrations_apply_each_file_once() -> None:
         assert sorted(name for names in applied for name in names) == expected
         recorded = sa.table("schema_migrations", sa.column("name"))
         assert sorted(name for (name,) in await query(dsn, sa.select(recorded.c.name))) == expected
+
+
+async def test_message_numbers_are_given_to_the_existing_history(tmp_path: Path) -> None:
+    """002 numbers the messages stored before it, room by room, in `seq` order."""
+    (tmp_path / "001_schema.sql").write_text((default_sql_dir() / "001_schema.sql").read_text())
+    async with asyncio.timeout(WAIT), temporary_database(migrated=False) as dsn:
+        await migrate(dsn, tmp_path)
+        old = sa.table(
+            "messages",
+            *(sa.column(name) for name in ("id", "room_id", "member_id", "member_name")),
+            *(sa.column(name) for name in ("type", "message", "sent")),
+        )
+        room_ids = [uuid4(), uuid4()]
+        for room_id in room_ids:
+            values = {"id": room_id, "name": "Blue Lagoon", "created": sa.func.now()}
+            await query(dsn, sa.insert(rooms).values(values))
+        order = [(room_ids[n % 2], uuid4(), f"m{n}") for n in range(7)]
+        for room_id, message_id, text in order:
+            row = {"id": message_id, "room_id": room_id, "member_id": uuid4()}
+            row |= {"member_name": "Teal Otter", "type": "chat", "message": text}
+            await query(dsn, sa.insert(old).values({**row, "sent": sa.func.now()}))
+
+        assert await migrate(dsn) == sorted(p.name for p in default_sql_dir().glob("*.sql"))[1:]
+        numbered = sa.select(messages.c.room_id, messages.c.message, messages.c.number)
+        rows = await query(dsn, numbered.order_by(messages.c.seq))
+        assert rows == [
+            (room_ids[0], "m0", 1),
+            (room_ids[1], "m1", 1),
+            (room_ids[0], "m2", 2),
+            (room_ids[1], "m3", 2),
+            (room_ids[0], "m4", 3),
+            (room_ids[1], "m5", 3),
+            (room_ids[0], "m6", 4),
+        ]
+        async with open_postgres_repository(dsn) as repository:
+            stored = await repository.add_message(room_ids[1], new_member(), "m7")
+        number_of_stored = sa.select(messages.c.number).where(messages.c.id == stored.id)
+        assert await query(dsn, number_of_stored) == [(4,)]
 
 
 async def test_a_failing_migration_is_rolled_back_and_named(tmp_path: Path) -> None:
@@ -561,6 +600,123 @@ async def test_a_cursor_must_be_a_message_of_the_room(
             await repository.list_messages(uuid4(), Page(before=stored[0].id))
 
 
+# --- the bound on a room's history ----------------------------------------------------
+
+
+async def numbers_by_room(dsn: str) -> dict[UUID, list[int]]:
+    rows = await query(
+        dsn, sa.select(messages.c.room_id, messages.c.number).order_by(messages.c.number)
+    )
+    found: dict[UUID, list[int]] = {}
+    for room_id, number in rows:
+        found.setdefault(room_id, []).append(number)
+    return found
+
+
+async def test_rooms_keep_the_bound_exactly_under_concurrent_writers(dsn: str) -> None:
+    """Two instances store into the same rooms at once, joins and leaves among the
+    chat: no room is ever seen over the bound, and each ends with exactly its newest."""
+    bound = 20
+    async with (
+        asyncio.timeout(WAIT * 2),
+        open_postgres_repository(dsn, room_max_messages=bound) as one,
+        open_postgres_repository(dsn, room_max_messages=bound) as two,
+    ):
+        room_list = [await new_room(one) for _ in range(4)]
+        writing = True
+
+        async def watch() -> int:
+            looks = 0
+            while writing:
+                for room_id, numbers in (await numbers_by_room(dsn)).items():
+                    assert len(numbers) <= bound, (room_id, len(numbers))
+                looks += 1
+            return looks
+
+        async def visit(repository: PostgresRepository, n: int) -> list[Message | None]:
+            room, member = room_list[n % 4], new_member(f"Member {n}")
+            stored: list[Message | None] = [await repository.add_member(room.id, member, uuid4())]
+            for i in range(n % 7):
+                stored.append(await repository.add_message(room.id, member, f"{n}.{i}"))
+            stored.append(await repository.remove_member(room.id, member))
+            return stored
+
+        watcher = asyncio.create_task(watch())
+        try:
+            visits = await asyncio.gather(
+                *(visit(one, n) for n in range(0, 80, 2)),
+                *(visit(two, n) for n in range(1, 80, 2)),
+                *(one.add_message(room_list[n % 4].id, new_member(), "burst") for n in range(300)),
+                *(two.add_message(room_list[n % 4].id, new_member(), "burst") for n in range(300)),
+            )
+        finally:
+            writing = False
+        assert await watcher > 0
+
+        stored = [m for v in visits for m in (v if isinstance(v, list) else [v]) if m is not None]
+        kept = await numbers_by_room(dsn)
+        for room in room_list:
+            in_room = [m for m in stored if m.room_id == room.id]
+            # Numbered 1, 2, 3, ... with no gap nor twin: the newest is the count.
+            assert kept[room.id] == list(range(len(in_room) - bound + 1, len(in_room) + 1))
+            history = await one.list_messages(room.id, Page())
+            assert len(history) == bound
+            assert {m.id for m in history} <= {m.id for m in in_room}
+            assert [m.sent for m in history] == sorted(m.sent for m in history)
+
+
+async def test_a_lowered_bound_trims_every_room_as_the_repository_opens(dsn: str) -> None:
+    async with asyncio.timeout(WAIT):
+        async with open_postgres_repository(dsn, room_max_messages=100) as repository:
+            big, small = await new_room(repository), await new_room(repository)
+            member = new_member()
+            stored = [await repository.add_message(big.id, member, f"m{n}") for n in range(30)]
+            await repository.add_message(small.id, member, "alone")
+        async with open_postgres_repository(dsn, room_max_messages=10) as repository:
+            assert await repository.list_messages(big.id, Page()) == stored[-10:]
+            assert await history(repository, small.id) == ["alone"]
+            assert await repository.trim_rooms() == 0
+            stored.append(await repository.add_message(big.id, member, "m30"))
+            assert await repository.list_messages(big.id, Page()) == stored[-10:]
+
+
+async def test_a_busy_room_at_its_bound_stores_at_a_steady_cost(dsn: str) -> None:
+    """Each store drops the one message its own pushes out: the delete does not walk
+    the dead index entries of those dropped before, which VACUUM has not cleared yet."""
+    async with asyncio.timeout(WAIT), open_postgres_repository(dsn, room_max_messages=10) as repo:
+        room = await new_room(repo)
+        member = new_member()
+        await asyncio.gather(*(repo.add_message(room.id, member, f"m{n}") for n in range(3000)))
+        explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statements.INSERT_MESSAGE.sql
+        params = {"id": str(uuid4()), "room_id": str(room.id), "member_id": str(member.id)}
+        params |= {"member_name": member.name, "type": "chat", "message": "next", "keep": 10}
+        async with repo._pool.acquire() as connection, connection.cursor() as cursor:
+            await cursor.execute("BEGIN")
+            await statements.LOCK_ROOM.run(cursor, room_id=str(room.id))
+            await cursor.execute(explain, params)
+            [([plan],)] = await cursor.fetchall()
+            await cursor.execute("ROLLBACK")  # the plan's store is not kept
+        [delete] = [node for node in plan_nodes(plan["Plan"]) if node.get("Operation") == "Delete"]
+        assert delete["Shared Hit Blocks"] + delete["Shared Read Blocks"] < 20
+
+
+def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(child for plan in node.get("Plans", []) for child in plan_nodes(plan))]
+
+
+async def test_a_reaper_keeps_the_bound_too(dsn: str) -> None:
+    async with asyncio.timeout(WAIT), open_postgres_repository(dsn, room_max_messages=3) as repo:
+        dead = uuid4()
+        await repo.renew_lease(dead, -1)
+        room = await new_room(repo)
+        crowd = [new_member(f"Member {n}") for n in range(7)]
+        for member in crowd:
+            await repo.add_member(room.id, member, dead)
+        left = await repo.reap_expired_instances()
+        assert len(left) == 7
+        assert await repo.list_messages(room.id, Page()) == left[-3:]
+
+
 # --- chat messages ---------------------------------------------------------------------
 
 
@@ -659,10 +815,12 @@ async def test_the_writers_statements_are_planned_once_per_connection(dsn: str) 
             plans = dict(await cursor.fetchall())
     assert set(plans) == {
         "sharechat_lock_rooms",
+        "sharechat_lock_room",
         "sharechat_apply_changes",
         "sharechat_insert_messages",
         "sharechat_insert_message",
     }
+    assert plans["sharechat_lock_room"] > 0
     assert plans["sharechat_insert_message"] > 0
 
 
