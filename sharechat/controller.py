@@ -16,6 +16,7 @@ from uuid import UUID, uuid4
 from sharechat import names
 from sharechat.budgets import RateLimiter
 from sharechat.config import Config
+from sharechat.delivery import RoomOrder, frame, unframe
 from sharechat.domain import (
     BackendUnavailable,
     Member,
@@ -33,9 +34,17 @@ log = logging.getLogger(__name__)
 
 
 class LiveRoom:
-    def __init__(self, subscription: asyncio.Task[None]) -> None:
+    """A room with members on this instance: its subscription, its members here, and
+    the order in which its messages are handed to them."""
+
+    def __init__(self, room_id: UUID, subscription: asyncio.Task[None], repository: Repository):
         self.subscription = subscription
         self.sessions: dict[UUID, Session] = {}
+        self.order = RoomOrder(room_id, repository.messages_after, self._hand_out)
+
+    def _hand_out(self, number: int, payload: bytes) -> None:
+        for session in self.sessions.values():
+            session.deliver(number, payload)  # the same bytes for all of them
 
 
 class Controller:
@@ -56,11 +65,14 @@ class Controller:
         self._all_left = asyncio.Event()
         self._all_left.set()
         self._unrecorded_leaves: list[tuple[UUID, Member]] = []
+        self._postponed = False  # the last round of housekeeping failed
+        self._audited: dict[UUID, int] = {}  # live room -> its newest message at the last audit
         self._background: set[asyncio.Task[Any]] = set()  # leaves and close handshakes
         self._stopping = asyncio.Event()
         self._refusals = refusals
         self._flusher = Flusher(config, self._refusals)
         queue.on_message(self._dispatch)
+        queue.on_recovered(self._catch_up)
 
     # -- rooms and history ---------------------------------------------------
 
@@ -88,12 +100,25 @@ class Controller:
 
     # -- members -------------------------------------------------------------
 
-    async def join(self, room_id: UUID, peer: Peer, client_limiter: RateLimiter) -> Session:
+    async def resume_point(self, room_id: UUID, message_id: UUID) -> int:
+        """The number of the message a client resumes after; raises RoomNotFound or
+        MessageNotFound (a cursor that is not a message of the room)."""
+        return await self._repository.message_number(room_id, message_id)
+
+    async def join(
+        self,
+        room_id: UUID,
+        peer: Peer,
+        client_limiter: RateLimiter,
+        resume_after: int | None = None,
+    ) -> Session:
         """Store the member and its `joined`, publish it, and wait until it is delivered.
 
         `client_limiter` is the budget of chat messages that the member shares with
-        every other connection of its client. Raises RoomNotFound or
-        BackendUnavailable; then the member never existed.
+        every other connection of its client. With `resume_after` (a message number,
+        see resume_point), the member first gets every message of the history after
+        that one, then its own `joined`, then the room live: no gap, no repeat.
+        Raises RoomNotFound or BackendUnavailable; then the member never left a trace.
         """
         member = Member(id=uuid4(), name=names.member_name())
         session = Session(room_id, member, peer, self._config, self._flusher, client_limiter)
@@ -102,11 +127,15 @@ class Controller:
         try:
             await asyncio.shield(room.subscription)
             stored = await self._repository.add_member(room_id, member, self.instance_id)
-            payload = stored.to_json()
-            session.expect_joined(payload)
-            await self._queue.publish(room_id, payload)
+            session.expect_joined(stored.number)
+            room.order.start(stored.number)
+            await self._publish(stored)
             async with asyncio.timeout(self._config.backend_timeout):
                 await session.joined()
+                replay = []
+                if resume_after is not None:
+                    replay = await self._history_between(room_id, resume_after, stored.number)
+            session.begin(replay)
         except BaseException as error:
             await self._undo_join(session, stored)
             if isinstance(error, TimeoutError):
@@ -114,6 +143,16 @@ class Controller:
             raise
         log.debug("member joined %s %r room %s", member.id, member.name, room_id)
         return session
+
+    async def _history_between(self, room_id: UUID, after: int, before: int) -> list[bytes]:
+        """The room's messages numbered between `after` and `before`, as JSON."""
+        replay: list[bytes] = []
+        while True:
+            page = await self._repository.messages_after(room_id, after, REPLAY_PAGE)
+            replay.extend(m.to_json() for m in page if m.number < before)
+            if len(page) < REPLAY_PAGE or page[-1].number >= before:
+                return replay
+            after = page[-1].number
 
     async def say(self, session: Session, text: str, ref: str | None = None) -> None:
         """One message from a member: check it, then store and publish it.
@@ -156,14 +195,7 @@ class Controller:
                 # Before the publish: the echo may be delivered before publish() returns.
                 session.expect_echo(message.id, ref)
                 echo_holds_slot = True
-            try:
-                await self._queue.publish(session.room_id, message.to_json())
-            except BackendUnavailable as error:
-                log.warning("message %s not published: %s", message.id, error)
-                if ref is not None:
-                    session.forget_echo(message.id)
-                await self._forget(message)
-                self.reject(session, "not sent: the message could not be delivered", ref)
+            await self._publish(message)
         finally:
             if not echo_holds_slot:
                 session.in_flight.release()
@@ -191,6 +223,22 @@ class Controller:
         finally:
             await self._drop(session)
 
+    async def _publish(self, message: Message) -> None:
+        """Send a stored message to every instance serving its room.
+
+        A stored message is never taken back: if the queue fails or times out, it
+        reaches this instance's members at once, and the other instances' from the
+        repository, when they find its number missing (a later message, the queue
+        coming back, or the audit of live rooms). So history never holds a message
+        the room does not see, and the room never sees one the history does not hold.
+        """
+        framed = frame(message.number, message.to_json())
+        try:
+            await self._queue.publish(message.room_id, framed)
+        except BackendUnavailable as error:
+            log.warning("message %s not published, delivered here: %s", message.id, error)
+            self._dispatch(message.room_id, framed)
+
     async def _record_leave(self, room_id: UUID, member: Member) -> None:
         try:
             await self._remove_and_announce(room_id, member)
@@ -203,7 +251,7 @@ class Controller:
         left = await self._repository.remove_member(room_id, member)
         log.debug("member left %s room %s", member.id, room_id)
         if left is not None:
-            await self._announce(left)
+            await self._publish(left)
 
     def _problem_with(self, session: Session, text: str) -> str | None:
         if not session.limiter.allow():
@@ -225,7 +273,8 @@ class Controller:
     def _enter(self, session: Session) -> LiveRoom:
         room = self._rooms.get(session.room_id)
         if room is None:
-            room = LiveRoom(asyncio.create_task(self._queue.subscribe(session.room_id)))
+            subscription = asyncio.create_task(self._queue.subscribe(session.room_id))
+            room = LiveRoom(session.room_id, subscription, self._repository)
             self._rooms[session.room_id] = room
         room.sessions[session.member.id] = session
         self._sessions.add(session)
@@ -239,6 +288,7 @@ class Controller:
             return
         if not room.sessions:
             del self._rooms[session.room_id]
+            room.order.stop()
             await self._unsubscribe(session.room_id, room)
 
     async def _drop(self, session: Session) -> None:
@@ -266,36 +316,14 @@ class Controller:
             log.warning("unsubscribe of room %s failed: %s", room_id, error)
 
     async def _undo_join(self, session: Session, stored: Message | None) -> None:
+        """A join that did not complete: a member whose `joined` was stored leaves like
+        any other (its `left` follows), as the room may have seen it join."""
         try:
             await self._exit_room(session)
             if stored is not None:
-                await self._erase_member(session, stored)
+                await self._record_leave(session.room_id, session.member)
         finally:
             await self._drop(session)
-
-    async def _erase_member(self, session: Session, joined: Message) -> None:
-        """The room never saw this member join: take it and its traces back out."""
-        try:
-            left = await self._repository.remove_member(session.room_id, session.member)
-        except BackendUnavailable:
-            self._unrecorded_leaves.append((session.room_id, session.member))
-            return
-        await self._forget(joined)
-        if left is not None:
-            await self._forget(left)
-
-    async def _forget(self, message: Message) -> None:
-        """Delete a stored message that the room never saw."""
-        try:
-            await self._repository.delete_message(message.id)
-        except BackendUnavailable as error:
-            log.error("message %s stored but not seen, not deleted: %s", message.id, error)
-
-    async def _announce(self, message: Message) -> None:
-        try:
-            await self._queue.publish(message.room_id, message.to_json())
-        except BackendUnavailable as error:
-            log.warning("%s of %s not published: %s", message.type, message.member_id, error)
 
     # -- background work -------------------------------------------------------
 
@@ -328,32 +356,57 @@ class Controller:
             async with asyncio.timeout(grace):
                 await self._all_left.wait()
 
-    def _dispatch(self, room_id: UUID, payload: bytes) -> None:
-        """What the queue received for a room: to each of its members here, without waiting."""
+    def _dispatch(self, room_id: UUID, framed: bytes) -> None:
+        """What the queue received for a room: to its members here in the room's order."""
         room = self._rooms.get(room_id)
         if room is not None:
-            for session in room.sessions.values():
-                session.deliver(payload)  # the same bytes for all of them
+            room.order.receive(*unframe(framed))
+
+    def _catch_up(self) -> None:
+        """The queue was lost and is back: what it did not deliver, the repository does."""
+        log.info("catching up %d rooms from the repository", len(self._rooms))
+        for room in self._rooms.values():
+            room.order.catch_up()
 
     async def _housekeeping(self) -> None:
         config = self._config
         interval = max(0.05, min(config.instance_lease / 3, config.room_idle_ttl / 4, 5.0))
         while not self._stopping.is_set():
-            for chore in (self._renew_lease, self._record_leaves, self._reap, self._expire_rooms):
-                await self._attempt(chore())
+            chores = (
+                self._renew_lease,
+                self._record_leaves,
+                self._reap,
+                self._expire_rooms,
+                self._audit_rooms,
+            )
+            done = True
+            for chore in chores:
+                done = await self._attempt(chore()) and done
                 _raise_if_cancelled()
+            if done and self._postponed:
+                log.info("housekeeping back to normal")
+            self._postponed = not done
+            # After a failure, soon again: the lease must be renewed as soon as the
+            # repository answers, before another instance may judge this one dead.
+            wait = interval if done else min(interval, HOUSEKEEPING_RETRY)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
+                async with asyncio.timeout(wait):
                     await self._stopping.wait()
 
-    async def _attempt(self, chore: Awaitable[None]) -> None:
+    async def _attempt(self, chore: Awaitable[None]) -> bool:
+        """Run one chore; False if it failed (logged once until housekeeping recovers)."""
         try:
             await chore
         except BackendUnavailable as error:
-            log.warning("housekeeping postponed: %s", error)
+            if not self._postponed:
+                log.warning("housekeeping postponed: %s", error)
+            return False
         except Exception:
             # Housekeeping runs for the life of the process: one bad turn must not end it.
-            log.exception("housekeeping chore failed; trying again next time")
+            if not self._postponed:
+                log.exception("housekeeping chore failed; trying again soon")
+            return False
+        return True
 
     async def _renew_lease(self) -> None:
         await self._repository.renew_lease(self.instance_id, self._config.instance_lease)
@@ -366,7 +419,26 @@ class Controller:
     async def _reap(self) -> None:
         for left in await self._repository.reap_expired_instances():
             log.info("member reaped %s room %s", left.member_id, left.room_id)
-            await self._announce(left)
+            await self._publish(left)
+
+    async def _audit_rooms(self) -> None:
+        """Catch up each live room whose newest message at the last audit has not been
+        delivered here since: stored but never published (its instance died between
+        the two, or lost its queue connection), and no later message showed the gap.
+        """
+        audited, self._audited = self._audited, {}
+        live = [room_id for room_id, room in self._rooms.items() if room.order.delivered]
+        if not live:
+            return
+        newest = await self._repository.newest_numbers(live)
+        for room_id, number in newest.items():
+            room = self._rooms.get(room_id)
+            if room is None or room.order.delivered is None:
+                continue
+            if room.order.delivered < audited.get(room_id, 0):
+                log.warning("room %s: catching up on messages never delivered here", room_id)
+                room.order.catch_up()
+            self._audited[room_id] = number
 
     async def _expire_rooms(self) -> None:
         for room_id in await self._repository.delete_idle_rooms(self._config.room_idle_ttl):
@@ -386,6 +458,8 @@ class Controller:
 
 
 HEALTH_CHECK_SECONDS = 2.0
+HOUSEKEEPING_RETRY = 0.25  # seconds between rounds while a chore fails
+REPLAY_PAGE = 1000  # messages fetched at once for a resuming member
 
 
 def _raise_if_cancelled() -> None:

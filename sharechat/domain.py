@@ -45,6 +45,9 @@ class Message:
     type: MessageType
     message: str
     sent: datetime
+    # Its place in the room's history: 1, 2, 3, ... in order, never reused; not part of
+    # the JSON (0 for a `failed`, which is never stored).
+    number: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object; orjson writes the uuids in their canonical form."""

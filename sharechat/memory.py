@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID, uuid4
 
@@ -46,13 +47,18 @@ class _RoomState:
         """Messages in the history."""
         return len(self.messages) - self.head
 
-    def append(self, message: Message) -> int:
-        """Store the message as the newest; return its number."""
-        number = self.numbers[-1] + 1 if self.size else 1
-        self.number_of[message.id] = number
+    def next_number(self) -> int:
+        return self.numbers[-1] + 1 if self.size else 1
+
+    def append(self, message: Message) -> None:
+        """Store the message, numbered next_number(), as the newest."""
+        self.number_of[message.id] = message.number
         self.messages.append(message)
-        self.numbers.append(number)
-        return number
+        self.numbers.append(message.number)
+
+    def after(self, number: int, limit: int) -> list[Message]:
+        start = bisect.bisect_right(self.numbers, number, self.head)
+        return self.messages[start : start + limit]
 
     def position(self, message_id: UUID) -> int:
         """Where the message is in the history (0: the oldest kept)."""
@@ -77,13 +83,6 @@ class _RoomState:
             del self.numbers[: self.head]
             self.head = 0
         return dropped
-
-    def delete(self, message_id: UUID) -> None:
-        """O(n), but rare: a message whose publish failed."""
-        index = self.position(message_id) + self.head
-        del self.messages[index]
-        del self.numbers[index]
-        del self.number_of[message_id]
 
 
 class MemoryRepository:
@@ -131,11 +130,24 @@ class MemoryRepository:
     async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
         return self._store(self._state(room_id), member, MessageType.CHAT, text)
 
-    async def delete_message(self, message_id: UUID) -> None:
-        room_id = self._message_rooms.pop(message_id, None)
-        state = self._rooms.get(room_id) if room_id else None
-        if state is not None:
-            state.delete(message_id)
+    async def message_number(self, room_id: UUID, message_id: UUID) -> int:
+        state = self._state(room_id)
+        try:
+            return state.number_of[message_id]
+        except KeyError:
+            raise MessageNotFound(str(message_id)) from None
+
+    async def messages_after(self, room_id: UUID, number: int, limit: int) -> list[Message]:
+        state = self._rooms.get(room_id)
+        return [] if state is None else state.after(number, limit)
+
+    async def newest_numbers(self, room_ids: Sequence[UUID]) -> dict[UUID, int]:
+        newest = {}
+        for room_id in room_ids:
+            state = self._rooms.get(room_id)
+            if state is not None and state.size:
+                newest[room_id] = state.numbers[-1]
+        return newest
 
     async def renew_lease(self, instance_id: UUID, lease_seconds: float) -> None:
         return None  # one process: its members live and die with it
@@ -173,9 +185,11 @@ class MemoryRepository:
             type=kind,
             message=text,
             sent=utcnow(),
+            number=state.next_number(),
         )
         self._message_rooms[message.id] = state.room.id
-        number = state.append(message)
+        state.append(message)
+        number = message.number
         if self._room_max_messages and number > self._room_max_messages:
             for dropped in state.drop_up_to(number - self._room_max_messages):
                 del self._message_rooms[dropped.id]
@@ -191,6 +205,9 @@ class MemoryQueue:
 
     def on_message(self, deliver: Deliver, /) -> None:
         self._deliver = deliver
+
+    def on_recovered(self, recovered: Callable[[], None], /) -> None:
+        """Never called: an in-process queue loses nothing."""
 
     async def ping(self) -> None:
         return None

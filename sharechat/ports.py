@@ -53,10 +53,11 @@ class Repository(Protocol):
 
     A repository is built with `room_max_messages`, the bound on a room's
     history (0: none). Each message stored is numbered one above the room's
-    newest (1 for the first), and whatever stores it also deletes the room's
-    messages numbered `room_max_messages` below it or more: once the call
-    returns, the room holds the bound at most, exactly the bound unless some
-    were deleted (delete_message) among the newest.
+    newest (1 for the first), under the room's lock, so numbers follow the
+    order of the history and of the commits; whatever stores a message also
+    deletes the room's messages numbered `room_max_messages` below it or more:
+    once the call returns, the room holds the bound at most. Nothing else ever
+    deletes a message of a live room, so a number is never given twice.
     """
 
     async def ping(self) -> None: ...
@@ -73,6 +74,22 @@ class Repository(Protocol):
 
     async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
         """Raises RoomNotFound, or MessageNotFound for a cursor not in the room."""
+        ...
+
+    async def message_number(self, room_id: UUID, message_id: UUID) -> int:
+        """The number of a message of the room (see Message.number).
+
+        Raises RoomNotFound, or MessageNotFound for a message not in the room.
+        """
+        ...
+
+    async def messages_after(self, room_id: UUID, number: int, limit: int) -> list[Message]:
+        """The room's messages numbered above `number`, oldest first, at most `limit`;
+        none for a room that is gone."""
+        ...
+
+    async def newest_numbers(self, room_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """The number of each room's newest message; rooms without one are left out."""
         ...
 
     async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
@@ -93,10 +110,6 @@ class Repository(Protocol):
         controller publishes each answer at once, so the room's live order is the
         order of its history.
         """
-        ...
-
-    async def delete_message(self, message_id: UUID) -> None:
-        """Undo add_message for a message the room never saw (publish failed)."""
         ...
 
     async def renew_lease(self, instance_id: UUID, lease_seconds: float) -> None:
@@ -134,9 +147,8 @@ class Queue(Protocol):
     async def publish(self, room_id: UUID, payload: bytes) -> None:
         """Deliver in call order (queued before the first await).
 
-        Raises BackendUnavailable; the caller then treats the payload as not
-        delivered. After a timeout the backend may still deliver it, so in that
-        rare case a member may see a message that the history no longer holds.
+        Raises BackendUnavailable when the payload may not reach every subscriber;
+        after a timeout the backend may still deliver it, late.
         """
         ...
 
@@ -145,6 +157,12 @@ class Queue(Protocol):
         ...
 
     async def unsubscribe(self, room_id: UUID) -> None: ...
+
+    def on_recovered(self, recovered: Callable[[], None], /) -> None:
+        """Call `recovered()` each time the subscription is back after it was lost (the
+        connection failed, or stopped delivering): what was published meanwhile may
+        never be delivered. Set once, before the first subscribe."""
+        ...
 
     def on_message(self, deliver: Deliver, /) -> None:
         """Call `deliver(room_id, payload)` for every payload published to a subscribed

@@ -61,7 +61,7 @@ _DRIVER_ERRORS = (psycopg2.Error, OSError, TimeoutError, RuntimeError)
 
 @dataclass(frozen=True, slots=True)
 class _Draft:
-    """A message about to be stored: everything but `sent`."""
+    """A message about to be stored: everything but `sent` and its number."""
 
     id: UUID
     room_id: UUID
@@ -69,7 +69,7 @@ class _Draft:
     type: MessageType
     text: str
 
-    def stored(self, sent: datetime) -> Message:
+    def stored(self, sent: datetime, number: int) -> Message:
         return Message(
             id=self.id,
             room_id=self.room_id,
@@ -78,6 +78,7 @@ class _Draft:
             type=self.type,
             message=self.text,
             sent=sent.astimezone(UTC),
+            number=number,
         )
 
 
@@ -150,14 +151,16 @@ def _drafts_json(drafts: Sequence[_Draft]) -> str:
     ).decode()  # a str: psycopg2 would send bytes as bytea
 
 
-def _stored(drafts: Sequence[_Draft], rows: Sequence[tuple[str, datetime]]) -> list[Message]:
-    """The drafts that `rows` (id as text, sent) say were stored, as messages."""
-    sent = dict(rows)
+def _stored(
+    drafts: Sequence[_Draft], rows: Sequence[tuple[str, datetime, int]]
+) -> list[Message]:
+    """The drafts that `rows` (id as text, sent, number) say were stored, as messages."""
+    by_id = {message_id: (sent, number) for message_id, sent, number in rows}
     stored = []
     for draft in drafts:
-        moment = sent.get(str(draft.id))
-        if moment is not None:
-            stored.append(draft.stored(moment))
+        row = by_id.get(str(draft.id))
+        if row is not None:
+            stored.append(draft.stored(*row))
     return stored
 
 
@@ -165,16 +168,11 @@ class _Kind(enum.Enum):
     CHAT = enum.auto()
     JOIN = enum.auto()
     LEAVE = enum.auto()
-    # A join whose caller was cancelled once its batch had started: the member
-    # may be stored, yet nobody will announce it nor ever remove it. ERASE takes
-    # it and its `joined` back out, as if it had never joined.
-    ERASE = enum.auto()
 
 
 @dataclass(frozen=True, slots=True)
 class _Write:
-    """One change queued for the writer. `draft` is the message it stores; for
-    ERASE, the `joined` message it deletes."""
+    """One change queued for the writer; `draft` is the message it stores."""
 
     kind: _Kind
     draft: _Draft
@@ -206,8 +204,8 @@ async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write], keep: int) -> l
     if not writes:
         return []
     joins = [write for write in writes if write.kind is _Kind.JOIN]
-    exits = [write for write in writes if write.kind in (_Kind.LEAVE, _Kind.ERASE)]
-    drafts = [write.draft for write in writes if write.kind is not _Kind.ERASE]
+    exits = [write for write in writes if write.kind is _Kind.LEAVE]
+    drafts = [write.draft for write in writes]
     await statements.APPLY_CHANGES.run(
         cursor,
         join_ids=[str(join.member_id) for join in joins],
@@ -216,7 +214,6 @@ async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write], keep: int) -> l
         instance_ids=[str(join.instance_id) for join in joins],
         exit_ids=[str(write.member_id) for write in exits],
         exit_room_ids=[str(write.room_id) for write in exits],
-        erased_ids=[str(write.draft.id) for write in exits if write.kind is _Kind.ERASE],
         drafts=_drafts_json(drafts),
         keep=keep,
     )
@@ -302,7 +299,7 @@ class _GroupCommit:
                 if write.member_id in changing:
                     break
                 changing.add(write.member_id)
-            if room_max and write.kind is not _Kind.ERASE:
+            if room_max:
                 room = write.draft.room_id.int
                 stored = in_room.get(room, 0)
                 if stored == room_max:
@@ -333,19 +330,24 @@ class _GroupCommit:
     ) -> None:
         if future.cancelled():  # the caller gave up while its write was in flight
             if write.kind is _Kind.JOIN and message is not None:
-                self._erase(write)
-        elif message is not None or write.kind in (_Kind.LEAVE, _Kind.ERASE):
+                self._leave(write)
+        elif message is not None or write.kind is _Kind.LEAVE:
             future.set_result(message)
         else:
             future.set_exception(RoomNotFound(str(write.room_id)))
 
-    def _erase(self, join: _Write) -> None:
-        erasing = self._enqueue(_Write(_Kind.ERASE, join.draft))
-        erasing.add_done_callback(functools.partial(_report_erase, join.member_id))
+    def _leave(self, join: _Write) -> None:
+        """A join whose caller gave up once it was stored: nobody will ever remove the
+        member, so it leaves at once. Its `joined` and `left` reach the room like any
+        message nobody published (see Controller._audit_rooms): a stored message is
+        never taken back, so numbers are never reused."""
+        member = join.draft.member
+        leaving = self._enqueue(_Write(_Kind.LEAVE, _left(join.room_id, member)))
+        leaving.add_done_callback(functools.partial(_report_leave, member.id))
 
 
-def _report_erase(member_id: UUID, erasing: asyncio.Future[Message | None]) -> None:
-    error = None if erasing.cancelled() else erasing.exception()
+def _report_leave(member_id: UUID, leaving: asyncio.Future[Message | None]) -> None:
+    error = None if leaving.cancelled() else leaving.exception()
     if error is not None:
         log.error("member %s of a cancelled join stays listed: %s", member_id, error)
 
@@ -448,9 +450,27 @@ class PostgresRepository:
         chat = _Write(_Kind.CHAT, _Draft(uuid4(), room_id, member, MessageType.CHAT, text))
         return cast(Message, await self._writes.submit(chat))  # stored, or it raised
 
-    async def delete_message(self, message_id: UUID) -> None:
+    async def message_number(self, room_id: UUID, message_id: UUID) -> int:
         async with self._cursor() as cursor:
-            await statements.DELETE_MESSAGE.run(cursor, message_id=message_id)
+            return await _cursor_number(cursor, room_id, message_id)
+
+    async def messages_after(self, room_id: UUID, number: int, limit: int) -> list[Message]:
+        async with self._cursor() as cursor:
+            await statements.PAGE_FORWARD.run(
+                cursor,
+                room_id=room_id,
+                after_number=number,
+                before_number=statements.MAX_NUMBER,
+                limit=limit,
+            )
+            rows = await cursor.fetchall()
+        return [_message(room_id, row) for row in rows]
+
+    async def newest_numbers(self, room_ids: Sequence[UUID]) -> dict[UUID, int]:
+        async with self._cursor() as cursor:
+            await statements.NEWEST_NUMBERS.run(cursor, room_ids=[str(r) for r in room_ids])
+            rows = await cursor.fetchall()
+        return {room_id: number for room_id, number in rows if number}
 
     async def renew_lease(self, instance_id: UUID, lease_seconds: float) -> None:
         async with self._cursor() as cursor:
@@ -569,20 +589,29 @@ def _cancelled() -> bool:
 async def _page_bounds(cursor: aiopg.Cursor, room_id: UUID, page: Page) -> tuple[int, int]:
     """The range of numbers (exclusive) that the page selects from; checks room and cursor."""
     cursor_id = page.after if page.after is not None else page.before
-    await statements.FIND_CURSOR.run(cursor, room_id=room_id, cursor_id=cursor_id)
-    row = await cursor.fetchone()
-    if row is None:
-        raise RoomNotFound(str(room_id))
-    number = row[1]
+    number = await _cursor_number(cursor, room_id, cursor_id)
     if cursor_id is None:
         return 0, statements.MAX_NUMBER
-    if number is None:
-        raise MessageNotFound(str(cursor_id))
     return (number, statements.MAX_NUMBER) if page.forward else (0, number)
 
 
+async def _cursor_number(cursor: aiopg.Cursor, room_id: UUID, message_id: UUID | None) -> int:
+    """The number of the room's message (0 for no message); raises RoomNotFound, or
+    MessageNotFound for a message that is not the room's."""
+    await statements.FIND_CURSOR.run(cursor, room_id=room_id, cursor_id=message_id)
+    row = await cursor.fetchone()
+    if row is None:
+        raise RoomNotFound(str(room_id))
+    if message_id is None:
+        return 0
+    if row[1] is None:
+        raise MessageNotFound(str(message_id))
+    number: int = row[1]
+    return number
+
+
 def _message(room_id: UUID, row: Sequence[Any]) -> Message:
-    message_id, member_id, member_name, kind, text, sent = row
+    message_id, member_id, member_name, kind, text, sent, number = row
     return Message(
         id=message_id,
         room_id=room_id,
@@ -591,6 +620,7 @@ def _message(room_id: UUID, row: Sequence[Any]) -> Message:
         type=MessageType(kind),
         message=text,
         sent=sent.astimezone(UTC),
+        number=number,
     )
 
 

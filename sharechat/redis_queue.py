@@ -17,7 +17,7 @@ import math
 import os
 import random
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -136,6 +136,9 @@ class RedisQueue:
     def on_message(self, deliver: Deliver, /) -> None:
         self._subscriber.deliver = deliver
 
+    def on_recovered(self, recovered: Callable[[], None], /) -> None:
+        self._subscriber.recovered = recovered
+
     def _channel(self, room_id: UUID) -> bytes:
         return f"{self._prefix}room:{room_id}".encode()
 
@@ -168,6 +171,8 @@ class _Subscriber:
         self._warned = False
         self.down_reason: str | None = "not connected yet"
         self.deliver: Deliver = no_listener
+        self.recovered: Callable[[], None] = _nothing
+        self._subscribed_once = False
 
     async def ready(self) -> None:
         await self._ready.wait()
@@ -325,6 +330,14 @@ class _Subscriber:
         if self._warned:
             self._warned = False
             log.info("redis back: resubscribed %d rooms", rooms)
+        if self._subscribed_once:
+            # Whatever was published between losing the old subscription and this one
+            # confirming is gone for us: the consumer fetches it from elsewhere.
+            try:
+                self.recovered()
+            except Exception:
+                log.exception("catching up after the subscription came back failed")
+        self._subscribed_once = True
 
     def _lost(self, reason: str) -> None:
         if not self._warned:
@@ -442,6 +455,10 @@ async def _publish_canaries(
 
 class _Stalled(Exception):
     pass
+
+
+def _nothing() -> None:
+    """The recovery callback of a queue nobody listens to."""
 
 
 def _fail(entries: list[_Publish], reason: str) -> None:

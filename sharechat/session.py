@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from uuid import UUID
 
 from sharechat.budgets import RateLimiter
@@ -60,8 +61,9 @@ class Session:
         "_closing",
         "_echoes",
         "_flusher",
-        "_joined_payload",
-        "_joining",
+        "_held",
+        "_joined",
+        "_joined_number",
         "_outbox",
         "_outbox_bytes",
         "_peer",
@@ -96,9 +98,11 @@ class Session:
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
         self._backlog = 0  # bytes the connection held unsent after the last write
-        # Until its own `joined` arrives, what the room says is history to this member.
-        self._joining: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
-        self._joined_payload: bytes | None = None
+        # What the room delivers before the member is ready for it (its `joined` is
+        # not stored yet, or a resumed member's replay is being fetched), numbered.
+        self._held: list[tuple[int, bytes]] | None = []
+        self._joined_number: int | None = None
+        self._joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closing: asyncio.Task[None] | None = None
         # (message id as in the wire form, ref) of its messages whose echo carries a ref,
         # in publish order; each holds an in-flight slot, so there are MAX_IN_FLIGHT at most.
@@ -106,20 +110,39 @@ class Session:
         # Only while the peer reads slower than the room talks: waits for it to drain.
         self._writer: asyncio.Task[None] | None = None
 
-    def expect_joined(self, payload: bytes) -> None:
-        self._joined_payload = payload
+    def expect_joined(self, number: int) -> None:
+        """The member's `joined` was stored as message `number` of the room."""
+        self._joined_number = number
+        held = self._held
+        if held is not None and any(n == number for n, _ in held):
+            self._joined.set_result(None)
 
     async def joined(self) -> None:
-        """Return once the member's own `joined` is in its outbox, its first frame."""
-        if self._joining is not None:
-            await asyncio.shield(self._joining)
+        """Return once the room has delivered the member's own `joined`."""
+        await asyncio.shield(self._joined)
 
-    def deliver(self, payload: bytes) -> None:
-        if self._joining is not None:
-            if payload != self._joined_payload:
-                return
-            self._joining.set_result(None)
-            self._joining = self._joined_payload = None
+    def begin(self, replay: Sequence[bytes] = ()) -> None:
+        """From now on the member gets what the room delivers: first `replay` (the
+        history it asked to resume), then its own `joined` and what came after it."""
+        held, self._held = self._held or [], None
+        first = self._joined_number
+        assert first is not None
+        for payload in replay:
+            self.send(payload)
+        for number, payload in held:
+            if number >= first:
+                self.deliver(number, payload)
+
+    def deliver(self, number: int, payload: bytes) -> None:
+        """Message `number` of the room, delivered in the room's order."""
+        held = self._held
+        if held is not None:
+            held.append((number, payload))
+            if number == self._joined_number:
+                self._joined.set_result(None)
+            elif len(held) > self._flusher.max_frames:
+                self._too_slow("outgoing buffer full")
+            return
         if self._echoes:
             payload = self._echo(payload)
         self.send(payload)

@@ -240,7 +240,7 @@ def _store(numbered: sa.CTE, spans: sa.FromClause) -> tuple[sa.CTE, sa.CTE]:
     stored = (
         sa.insert(messages)
         .from_select(columns, rows)
-        .returning(stored_id, messages.c.sent)
+        .returning(stored_id, messages.c.sent, messages.c.number)
         .cte("stored")
     )
     keep = sa.bindparam("keep", type_=sa.BigInteger)
@@ -266,24 +266,24 @@ def _spans(numbered: sa.CTE) -> sa.Subquery:
     )
 
 
-def _insert_messages() -> sa.Select[tuple[str, datetime]]:
+def _insert_messages() -> sa.Select[tuple[str, datetime, int]]:
     """Store many messages in one statement, in the order given (see _store).
 
     Rows whose room no longer exists are skipped instead of failing the batch.
     """
     numbered = _numbered(_drafts())
     stored, trimmed = _store(numbered, _spans(numbered))
-    return sa.select(stored.c.id, stored.c.sent).add_cte(trimmed)
+    return sa.select(stored.c.id, stored.c.sent, stored.c.number).add_cte(trimmed)
 
 
-def _insert_message() -> sa.Select[tuple[str, datetime]]:
+def _insert_message() -> sa.Select[tuple[str, datetime, int]]:
     """_insert_messages for one message, the cheaper for it when it travels alone."""
     numbered = _lone_numbered()
     span = sa.select(
         numbered.c.room_id, numbered.c.number.label("first"), numbered.c.number.label("last")
     ).subquery("spans")
     stored, trimmed = _store(numbered, span)
-    return sa.select(stored.c.id, stored.c.sent).add_cte(trimmed)
+    return sa.select(stored.c.id, stored.c.sent, stored.c.number).add_cte(trimmed)
 
 
 def _insert_members() -> sa.Insert:
@@ -330,7 +330,7 @@ def _settle(which: sa.ColumnElement[bool], occupied: sa.ColumnElement[bool]) -> 
     )
 
 
-def _apply_changes() -> sa.Select[tuple[UUID, datetime]]:
+def _apply_changes() -> sa.Select[tuple[str, datetime, int]]:
     """Joins, leaves and their messages in one statement, for rooms that an earlier
     statement of the transaction locked (so they exist); returns the stored messages.
 
@@ -345,14 +345,11 @@ def _apply_changes() -> sa.Select[tuple[UUID, datetime]]:
     kept = sa.or_(new.c.type != MessageType.LEFT.value, new.c.member_id.in_(were_here))
     numbered = _numbered(sa.select(new).where(kept).cte("kept"))
     stored, trimmed = _store(numbered, _spans(numbered))
-    erased = (
-        sa.delete(messages)
-        .where(messages.c.id == sa.any_(_uuids("erased_ids")), messages.c.member_id.in_(were_here))
-        .cte("erased")
-    )
     settled = _settle_changed(joined, gone).cte("settled")
     # Data-modifying CTEs run whether or not the query reads them; add_cte renders them.
-    return sa.select(stored.c.id, stored.c.sent).add_cte(joined, gone, erased, settled, trimmed)
+    return sa.select(stored.c.id, stored.c.sent, stored.c.number).add_cte(
+        joined, gone, settled, trimmed
+    )
 
 
 def _settle_changed(joined: sa.CTE, gone: sa.CTE) -> sa.Update:
@@ -436,6 +433,7 @@ def _page(order: sa.UnaryExpression[Any]) -> Statement:
             messages.c.type,
             messages.c.message,
             messages.c.sent,
+            messages.c.number,
         )
         .where(
             messages.c.room_id == sa.bindparam("room_id"),
@@ -471,8 +469,11 @@ INSERT_MESSAGE = Statement.prepared("sharechat_insert_message", _insert_message(
 # The same, rooms locked first: two statements, one round trip, one transaction.
 STORE_MESSAGES = Statement.chain(LOCK_ROOMS, INSERT_MESSAGES)
 STORE_MESSAGE = Statement.chain(LOCK_ROOM, INSERT_MESSAGE)
-DELETE_MESSAGE = Statement.compile(
-    sa.delete(messages).where(messages.c.id == sa.bindparam("message_id"))
+# The newest number of each of the rooms (those without a message answer none).
+NEWEST_NUMBERS = Statement.compile(
+    sa.select(rooms.c.id, _newest_number(rooms.c.id)).where(
+        rooms.c.id == sa.any_(_uuids("room_ids"))
+    )
 )
 
 # The statements of the writer, which runs for every message, join and leave.

@@ -194,11 +194,15 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
     config, controller = request.app[CONFIG], request.app[CONTROLLER]
     room_id = _room_id(request)
     _check_origin(request, config.allowed_origins)
+    cursor = _cursor(request.query, "after")  # 400 before any upgrade
     # Budgets before any query: a client over them costs the backends nothing.
     with request.app[BUDGETS].connection(request.remote, room_id) as client_limiter:
         outage: BackendUnavailable | None = None
+        resume_after: int | None = None
         try:
             await controller.check_room(room_id)  # 404 before any upgrade
+            if cursor is not None:  # 400 for a cursor that is not a message of the room
+                resume_after = await controller.resume_point(room_id, cursor)
         except BackendUnavailable as error:
             outage = error  # refused after the upgrade: a browser sees a close code, not a status
         ws = web.WebSocketResponse(
@@ -218,7 +222,7 @@ async def serve_room(request: web.Request) -> web.StreamResponse:
         try:
             if outage:
                 raise outage
-            session = await controller.join(room_id, peer, client_limiter)
+            session = await controller.join(room_id, peer, client_limiter, resume_after)
         except (RoomNotFound, BackendUnavailable) as error:
             log.warning("join refused in room %s: %s", room_id, error)
             await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=_refusal(error))

@@ -165,10 +165,10 @@ async def test_a_room_never_holds_more_than_the_bound(open_repository: OpenRepos
         assert len(await texts(repository, room)) == 5
 
 
-async def test_cursors_and_deletes_after_trimming(open_repository: OpenRepository) -> None:
+async def test_cursors_and_numbers_after_trimming(open_repository: OpenRepository) -> None:
     """A message is numbered one above the room's newest, and a store drops those
-    numbered `bound` below it or more: a deleted message (its publish failed)
-    frees its place when it was the newest, else when it would have been dropped."""
+    numbered `bound` below it or more: cursors at dropped messages are refused, and
+    numbers go on without reuse."""
     async with asyncio.timeout(LONG), open_repository(3) as repository:
         room = await new_room(repository)
         member = Member(uuid4(), "Teal Otter")
@@ -177,24 +177,20 @@ async def test_cursors_and_deletes_after_trimming(open_repository: OpenRepositor
             return await repository.add_message(room.id, member, text)
 
         stored = [await say(f"m{n}") for n in range(10)]
+        assert [m.number for m in stored] == list(range(1, 11))
         assert await texts(repository, room) == ["m7", "m8", "m9"]
-        await repository.delete_message(stored[8].id)
-        await repository.delete_message(stored[0].id)  # dropped already: nothing to do
-        assert await texts(repository, room) == ["m7", "m9"]
-        stored.append(await say("m10"))
-        assert await texts(repository, room) == ["m9", "m10"]
-        await repository.delete_message(stored[10].id)
-        stored += [await say("m11"), await say("m12")]
-        assert await texts(repository, room) == ["m9", "m11", "m12"]
-        assert await texts(repository, room, Page(after=stored[9].id)) == ["m11", "m12"]
-        assert await texts(repository, room, Page(before=stored[12].id)) == ["m9", "m11"]
-        assert await texts(repository, room, Page(before=stored[12].id, limit=1)) == ["m11"]
-        for gone in (stored[0].id, stored[7].id, stored[8].id, stored[10].id):
+        assert await texts(repository, room, Page(after=stored[7].id)) == ["m8", "m9"]
+        assert await texts(repository, room, Page(before=stored[9].id, limit=1)) == ["m8"]
+        assert await repository.message_number(room.id, stored[8].id) == 9
+        after = await repository.messages_after(room.id, 2, 10)
+        assert [m.message for m in after] == ["m7", "m8", "m9"]
+        assert await repository.newest_numbers([room.id, uuid4()]) == {room.id: 10}
+        for gone in (stored[0].id, stored[6].id, uuid4()):
             for page in (Page(before=gone), Page(after=gone)):
                 with pytest.raises(MessageNotFound):
                     await repository.list_messages(room.id, page)
-        stored.append(await say("m13"))
-        assert await texts(repository, room) == ["m11", "m12", "m13"]
+            with pytest.raises(MessageNotFound):
+                await repository.message_number(room.id, gone)
 
 
 async def test_a_bound_of_0_keeps_everything(open_repository: OpenRepository) -> None:
