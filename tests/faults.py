@@ -488,7 +488,7 @@ class Chain:
                     "harness", f"{self}: its first frame is not its joined: {describe(body)}"
                 )
             self.start_id = message_id
-        if segment.cursor is None and segment.member_id is None and body.get("type") == "joined":
+        if segment.cursor is None and len(segment.frames) == 1 and body.get("type") == "joined":
             segment.member_id = body["memberId"]  # a new member's first frame: its own
             segment.member_name = body["memberName"]
         self.counts[message_id] += 1

@@ -14,6 +14,7 @@ RECOVERY seconds of the fault's end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,15 @@ from uuid import uuid4
 import aiohttp
 import pytest
 
-from tests.faults import FAULT, FaultCluster, Scenario, fault_cluster, run_fault, until
+from tests.faults import (
+    FAULT,
+    FaultCluster,
+    Scenario,
+    TcpProxy,
+    fault_cluster,
+    run_fault,
+    until,
+)
 from tests.helpers import WAIT
 from tests.servers import create_room, join
 
@@ -39,6 +48,46 @@ async def cluster(tmp_path: Path) -> AsyncIterator[FaultCluster]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+async def test_the_proxy_cuts_refuses_and_freezes() -> None:
+    """The harness itself: what each fault does to a connection through the proxy."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(1024):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def exchange(text: bytes) -> bytes:
+        writer.write(text)
+        async with asyncio.timeout(WAIT):
+            return await reader.readexactly(len(text))
+
+    upstream = await asyncio.start_server(echo, "127.0.0.1", 0)
+    async with upstream, TcpProxy(upstream.sockets[0].getsockname()[1]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        assert await exchange(b"one") == b"one"
+        with proxy.frozen() as held:
+            assert held == 1
+            writer.write(b"two")
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):  # nothing gets through while frozen
+                    await reader.read(1)
+        async with asyncio.timeout(WAIT):
+            assert await reader.readexactly(3) == b"two"  # held, then delivered
+        async with proxy.outage() as cut:
+            assert cut == 1
+            with contextlib.suppress(ConnectionResetError):  # reset, or at least ended
+                async with asyncio.timeout(WAIT):
+                    assert await reader.read(1) == b""
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        assert await exchange(b"three") == b"three"
+        writer.close()
 
 
 async def test_calm(cluster: FaultCluster, http: aiohttp.ClientSession) -> None:
