@@ -650,12 +650,16 @@ class Scenario:
             await chain.send()
             due = max(due + interval, now() - interval)  # after a pause: no catching up
 
-    async def burst(self, count: int) -> None:
-        """Every member sends `count` messages back to back, all at once."""
+    async def burst(self, count: int, stop: asyncio.Event | None = None) -> None:
+        """Every member sends up to `count` messages back to back, all at once, until
+        `stop` is set: as fast as the sockets take them, hundreds in flight."""
 
         async def one(chain: Chain) -> None:
             for _ in range(count):
+                if stop is not None and stop.is_set():
+                    return
                 await chain.send()
+                await asyncio.sleep(0)  # the readers keep up
 
         await asyncio.gather(*(one(chain) for chain in self.chains if chain.after is None))
 
