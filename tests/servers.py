@@ -77,6 +77,9 @@ class Server:
     process: asyncio.subprocess.Process
     url: str  # http://127.0.0.1:<port>
     log: Path
+    # What restart() runs the command with again; _running() fills them in.
+    environ: Mapping[str, str] | None = None
+    workdir: Path | None = None
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -90,6 +93,18 @@ class Server:
             async with asyncio.timeout(within):
                 return await self.process.wait()
         return None
+
+    async def restart(self, within: float = STARTUP) -> None:
+        """Run the command again once its process has ended (kill it first), on the same
+        port, with the same environment and directory, appending to the same log; return
+        once it answers /api/healthz."""
+        assert self.process.returncode is not None, "still running: kill it first"
+        assert self.environ is not None, "not started by _running()"
+        assert self.workdir is not None, "not started by _running()"
+        with self.log.open("ab") as sink:
+            sink.write(b"--- restarted ---\n")
+        self.process = await _spawn(self.command, self.environ, self.workdir, self.log)
+        await self.wait_healthy(time.monotonic() + within)
 
     async def wait_healthy(self, deadline: float) -> None:
         """Poll /api/healthz until it says ok; fail if the process exits or `deadline` passes."""
@@ -130,24 +145,54 @@ async def running_servers(
 
 
 @contextlib.asynccontextmanager
-async def _running(
-    launches: Sequence[tuple[Sequence[str], int]], environ: Mapping[str, str], workdir: Path
+async def running_servers_each(
+    envs: Sequence[Mapping[str, str]], *flags: str
 ) -> AsyncIterator[list[Server]]:
-    """Start every process at once, wait until all are healthy; always kill and reap them."""
+    """One instance of `sharechat serve *flags` per entry of `envs`, each with its own
+    environment (say, a proxy of its own in front of Redis)."""
+    with tempfile.TemporaryDirectory(prefix="sharechat-serve-") as workdir:
+        ports = [free_port() for _ in envs]
+        launches = [(serve_command(port, *flags), port) for port in ports]
+        environs = [clean_environ(**env) for env in envs]
+        async with _running(launches, environs[0], Path(workdir), environs) as servers:
+            yield servers
+
+
+async def _spawn(
+    command: Sequence[str], environ: Mapping[str, str], workdir: Path, log: Path
+) -> asyncio.subprocess.Process:
+    """Start `command`, its output appended to `log` (so it never blocks on a full pipe)."""
+    with log.open("ab") as sink:
+        return await asyncio.create_subprocess_exec(
+            *command,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=dict(environ),
+            cwd=workdir,
+        )
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    launches: Sequence[tuple[Sequence[str], int]],
+    environ: Mapping[str, str],
+    workdir: Path,
+    environs: Sequence[Mapping[str, str]] | None = None,
+) -> AsyncIterator[list[Server]]:
+    """Start every process at once, wait until all are healthy; always kill and reap them.
+
+    `environs`, if given, holds one environment per launch instead of `environ` for all.
+    """
     servers: list[Server] = []
     try:
         for number, (command, port) in enumerate(launches):
             log = workdir / f"server-{number}.log"
-            with log.open("wb") as sink:
-                process = await asyncio.create_subprocess_exec(
-                    *command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=sink,
-                    stderr=subprocess.STDOUT,
-                    env=dict(environ),
-                    cwd=workdir,
-                )
-            servers.append(Server(command, process, f"http://127.0.0.1:{port}", log))
+            log.write_bytes(b"")
+            own = environs[number] if environs is not None else environ
+            process = await _spawn(command, own, workdir, log)
+            url = f"http://127.0.0.1:{port}"
+            servers.append(Server(command, process, url, log, own, workdir))
         deadline = time.monotonic() + STARTUP  # they start in parallel: one deadline for all
         for server in servers:
             await server.wait_healthy(deadline)
