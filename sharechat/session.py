@@ -167,9 +167,9 @@ class Session:
     def _echo(self, payload: bytes) -> bytes:
         """The room's bytes, with its ref spliced in if this is one of the member's messages.
 
-        A member's messages reach it in the order they were published, so the ones
-        registered before this one whose echo has not come never will (lost with a
-        queue connection): their slots are released too.
+        A member's messages reach it in the order of the history, which is the order
+        they were registered in; should one registered before this one not have come,
+        it never will, and its slot is released too.
         """
         key = wire_id(payload)
         for index, (pending, ref) in enumerate(self._echoes):

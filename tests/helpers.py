@@ -67,3 +67,20 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class Recorder:
+    """A Peer that keeps what it was sent."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+
+    def write_texts(self, texts: Any, /) -> int:
+        self.frames.extend(json.loads(text) for text in texts)
+        return 0
+
+    async def drain(self) -> None:
+        return None
+
+    async def close(self, *, code: int, message: bytes) -> None:
+        return None

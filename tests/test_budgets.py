@@ -398,3 +398,34 @@ async def test_server_log_has_one_line_a_minute_per_kind_of_refusal() -> None:
         log_lines = [line for line in server.output().splitlines() if "room-create" in line]
         assert len(log_lines) == 1, log_lines
         assert "'127.0.0.1'" in log_lines[0]
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["behind-a-trusted-proxy", "untrusted"])
+async def test_budgets_follow_x_forwarded_for_only_from_a_trusted_proxy(trusted: bool) -> None:
+    """Every connection comes from the proxy (127.0.0.1); the clients behind it are
+    told apart by X-Forwarded-For, and only when the proxy is trusted."""
+    flags = ["--ip-connection-limit", "2"]
+    if trusted:
+        flags += ["--forwarded-allow-ips", "127.0.0.1"]
+    async with serve(*flags) as server, client_from(ATTACKER) as http:
+        room = await new_room(http, server)
+        url = f"{server.url}/api/serve/{room}"
+
+        async def connect(client: str) -> aiohttp.ClientWebSocketResponse:
+            async with asyncio.timeout(WAIT):
+                ws = await http.ws_connect(url, headers={"X-Forwarded-For": client})
+            assert (await receive_json(ws))["type"] == "joined"
+            return ws
+
+        held = [await connect("203.0.113.1"), await connect("203.0.113.1")]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await connect("203.0.113.1")
+        assert refused.value.status == 429
+        if trusted:
+            held.append(await connect("203.0.113.2"))  # another client: its own budget
+        else:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await connect("203.0.113.2")  # the header is ignored: the same address
+            assert refused.value.status == 429
+        for ws in held:
+            await ws.close()

@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 from uuid import uuid4
 
+from sharechat.budgets import RateLimiter
+from sharechat.config import Config
+from sharechat.controller import Controller
 from sharechat.delivery import RoomOrder, frame, unframe
 from sharechat.domain import Member, Message, Room
-from sharechat.memory import MemoryRepository
-from tests.helpers import WAIT
+from sharechat.memory import MemoryQueue, MemoryRepository
+from sharechat.refusals import RefusalLog
+from tests.helpers import WAIT, Recorder, eventually
 
 
 class Ordered:
@@ -115,3 +119,26 @@ async def test_catch_up_delivers_what_the_queue_lost() -> None:
     assert room.delivered == [x.number for x in m]
     receive(room, m[-1])
     assert len(room.delivered) == 1500
+
+
+async def test_a_message_stored_but_never_published_reaches_the_room() -> None:
+    """Its instance died between storing and publishing, and nobody says anything
+    after it: the audit of live rooms finds it in the repository and delivers it."""
+    repository, queue = MemoryRepository(), MemoryQueue()
+    config = Config(instance_lease=0.3)  # housekeeping, and so the audit, every 0.1 s
+    controller = Controller(repository, queue, config, uuid4(), RefusalLog())
+    room = Room(uuid4(), "Test Room")
+    await repository.create_room(room)
+    peer = Recorder()
+    async with controller.running():
+        session = await controller.join(room.id, peer, RateLimiter(0, 1))
+        ghost = Member(uuid4(), "Red Fox")  # a member of the instance that died
+        await repository.add_member(room.id, ghost, uuid4())
+        await repository.add_message(room.id, ghost, "my last words")
+
+        async def heard() -> bool:
+            return [f["message"] for f in peer.frames][-1:] == ["my last words"]
+
+        await eventually(heard)
+        assert [f["type"] for f in peer.frames] == ["joined", "joined", "chat"]
+        await controller.leave(session)

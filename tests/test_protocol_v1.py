@@ -28,7 +28,7 @@ from sharechat.memory import MemoryQueue, MemoryRepository
 from sharechat.refusals import RefusalLog
 from sharechat.session import MAX_IN_FLIGHT, Session
 from tests.conftest import Chat, StartServer
-from tests.helpers import MESSAGE_KEYS, WAIT, eventually, receive_json
+from tests.helpers import MESSAGE_KEYS, WAIT, Recorder, eventually, receive_json
 
 V1 = "sharechat.v1"
 
@@ -309,23 +309,6 @@ async def test_plain_framing_is_unchanged(chat: Chat) -> None:
 
 
 # -- the controller's own failures, on the embedded backends -----------------------------
-
-
-class Recorder:
-    """A Peer that keeps what it was sent."""
-
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-
-    def write_texts(self, texts: Any, /) -> int:
-        self.frames.extend(json.loads(text) for text in texts)
-        return 0
-
-    async def drain(self) -> None:
-        return None
-
-    async def close(self, *, code: int, message: bytes) -> None:
-        return None
 
 
 class FlakyRepository(MemoryRepository):
