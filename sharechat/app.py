@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from sharechat import proxies
 from sharechat import web as routes
@@ -24,11 +25,12 @@ SHUTDOWN_GRACE = 5.0  # seconds members get to leave cleanly on shutdown
 
 
 def create_app(config: Config, instance_id: UUID | None = None) -> web.Application:
-    # The proxy middleware comes first: every other one and every handler sees the
-    # client's address, scheme and host.
-    app = web.Application(
-        middlewares=[proxies.forwarded_headers(config.forwarded_allow_ips), routes.json_errors]
-    )
+    middlewares: list[Middleware] = [routes.json_errors]
+    if config.forwarded_allow_ips:
+        # First: every other middleware and every handler sees the client's address,
+        # scheme and host. Without trusted proxies there is nothing to read.
+        middlewares.insert(0, proxies.forwarded_headers(config.forwarded_allow_ips))
+    app = web.Application(middlewares=middlewares)
     app[routes.CONFIG] = config
     refusals = RefusalLog()  # one per app: one line a minute per kind, whoever refuses
     app[routes.REFUSALS] = refusals
