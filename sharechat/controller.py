@@ -118,7 +118,8 @@ class Controller:
         every other connection of its client. With `resume_after` (a message number,
         see resume_point), the member first gets every message of the history after
         that one, then its own `joined`, then the room live: no gap, no repeat.
-        Raises RoomNotFound or BackendUnavailable; then the member never left a trace.
+        Raises RoomNotFound or BackendUnavailable; then the member is gone again (if
+        its `joined` was stored, its `left` follows).
         """
         member = Member(id=uuid4(), name=names.member_name())
         session = Session(room_id, member, peer, self._config, self._flusher, client_limiter)
@@ -164,9 +165,9 @@ class Controller:
         Returns once the message is under way, so that a member may have several
         in flight (they share commits with the room's other writes); it waits while
         MAX_IN_FLIGHT of this member's messages are. Order is kept without waiting:
-        the repository stores in call order and answers in that order, and each
-        answer is published at once, before anything else runs. So the room sees
-        messages in the order of the history, and a member's in the order it sent them.
+        the repository numbers a room's messages in call order, and every instance
+        hands them on in number order (delivery.RoomOrder). So the room sees messages
+        in the order of the history, and a member its own in the order it sent them.
         """
         text = chat_text(text)
         if not text:
