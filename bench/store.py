@@ -28,7 +28,7 @@ from uuid import UUID, uuid4
 import psycopg2
 from psycopg2 import sql
 
-from bench.backends import ADMIN_DSN
+from bench.backends import ADMIN_DSN, admin
 from sharechat.domain import Member, Room
 from sharechat.migrations import migrate
 from sharechat.postgres import PostgresRepository, open_postgres_repository
@@ -66,16 +66,6 @@ SCENARIOS: dict[str, tuple[Scenario, int]] = {
 }
 
 
-def _admin(statement: sql.Composable) -> None:
-    connection = psycopg2.connect(ADMIN_DSN)
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
-
-
 def _backend_cpu(database: str) -> float:
     """CPU seconds used so far by the PostgreSQL backends serving `database`."""
     connection = psycopg2.connect(ADMIN_DSN)
@@ -105,7 +95,7 @@ async def one_round(
     database, after a warm-up of `count` messages (so that rooms start full when
     `bound` < `count`)."""
     name = f"sharechat_bench_{uuid4().hex}"
-    await asyncio.to_thread(_admin, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    await asyncio.to_thread(admin, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         dsn = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
         await migrate(dsn)
@@ -128,7 +118,7 @@ async def one_round(
             return elapsed, await asyncio.to_thread(_backend_cpu, name) - cpu
     finally:
         await asyncio.to_thread(
-            _admin,
+            admin,
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
         )
 

@@ -24,7 +24,7 @@ import pytest
 
 from tests.helpers import WAIT, eventually, receive_json, receive_until
 from tests.raw_websocket import RawWebSocket
-from tests.servers import Server, running_servers
+from tests.servers import Server, create_room, join, running_servers
 
 ATTACKER = "127.0.0.1"
 VISITOR = "127.0.0.2"
@@ -45,13 +45,6 @@ async def client_from(address: str) -> AsyncIterator[aiohttp.ClientSession]:
         yield http
 
 
-async def new_room(http: aiohttp.ClientSession, server: Server) -> str:
-    async with asyncio.timeout(WAIT), http.post(f"{server.url}/api/room") as response:
-        assert response.status == 200, await response.text()
-        room: str = (await response.json())["roomId"]
-        return room
-
-
 async def history(http: aiohttp.ClientSession, server: Server, room: str) -> list[Any]:
     async with asyncio.timeout(WAIT), http.get(f"{server.url}/api/room/{room}/messages") as r:
         assert r.status == 200
@@ -62,16 +55,6 @@ async def member_ids(http: aiohttp.ClientSession, server: Server, room: str) -> 
     async with asyncio.timeout(WAIT), http.get(f"{server.url}/api/room/{room}") as r:
         assert r.status == 200
         return {member["id"] for member in (await r.json())["members"]}
-
-
-async def join(
-    http: aiohttp.ClientSession, server: Server, room: str
-) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
-    async with asyncio.timeout(WAIT):
-        ws = await http.ws_connect(f"{server.url}/api/serve/{room}")
-    joined = await receive_json(ws)
-    assert joined["type"] == "joined", joined
-    return ws, joined
 
 
 async def refused_status(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
@@ -96,7 +79,7 @@ async def assert_visitors_chat(server: Server, room: str | None = None, count: i
     Two joins and 2 x `count` messages: within the smallest address budget used here.
     """
     async with client_from(VISITOR) as http:
-        room = room or await new_room(http, server)
+        room = room or await create_room(http, server)
         alice, _ = await join(http, server, room)
         bob, bob_joined = await join(http, server, room)
         await receive_until(alice, lambda m: m["id"] == bob_joined["id"])
@@ -130,7 +113,7 @@ def rss_bytes(server: Server) -> int:
 
 async def test_connections_per_address_are_capped() -> None:
     async with serve("--ip-connection-limit", "5") as server, client_from(ATTACKER) as http:
-        room = await new_room(http, server)
+        room = await create_room(http, server)
         held = [await join(http, server, room) for _ in range(5)]
         status, body = await refused_status(http, f"{server.url}/api/serve/{room}")
         assert status == 429
@@ -161,7 +144,7 @@ async def test_connections_per_instance_are_capped() -> None:
         client_from(ATTACKER) as attacker,
         client_from(OTHER) as other,
     ):
-        room = await new_room(attacker, server)
+        room = await create_room(attacker, server)
         held = [await join(attacker, server, room) for _ in range(5)]
         await assert_visitors_chat(server, room)  # 7 at once: within the bound
         # Once the visitors' sockets are gone, two more fit.
@@ -179,7 +162,7 @@ async def test_members_per_room_are_capped() -> None:
         serve("--room-member-limit", "3", "--ip-connection-limit", "0") as server,
         client_from(ATTACKER) as http,
     ):
-        room = await new_room(http, server)
+        room = await create_room(http, server)
         held = [await join(http, server, room) for _ in range(3)]
         status, body = await refused_status(http, f"{server.url}/api/serve/{room}")
         assert status == 503
@@ -198,7 +181,7 @@ async def test_reconnecting_does_not_refill_the_address_budget() -> None:
     async with serve(
         "--ip-rate-limit", str(rate), "--rate-burst", str(burst), "--rate-limit", "0"
     ) as server, client_from(ATTACKER) as http:
-        room = await new_room(http, server)
+        room = await create_room(http, server)
         started = time.monotonic()
         refused_joins = 0
         statuses: set[int] = set()
@@ -232,7 +215,7 @@ async def test_messages_over_the_address_budget_get_failed() -> None:
     async with serve(
         "--ip-rate-limit", "5", "--rate-burst", "10", "--rate-limit", "0"
     ) as server, client_from(ATTACKER) as http:
-        room = await new_room(http, server)
+        room = await create_room(http, server)
         first, _ = await join(http, server, room)
         await join(http, server, room)  # two joins spent: 8 messages left
         for n in range(10):
@@ -268,7 +251,7 @@ async def test_frame_flood_closes_with_1008(kind: str) -> None:
     opcode, payload = {"ping": (0x9, b"x"), "blank": (0x1, b" "), "binary": (0x2, b"\0")}[kind]
     async with serve("--frame-budget", "50", "--frame-burst", "100") as server:
         async with client_from(ATTACKER) as http:
-            room = await new_room(http, server)
+            room = await create_room(http, server)
         port = int(server.url.rsplit(":", 1)[1])
         raw = await RawWebSocket.connect("127.0.0.1", port, f"/api/serve/{room}")
         started = time.monotonic()
@@ -285,7 +268,7 @@ async def test_a_frame_over_four_times_the_limit_is_refused_from_its_header() ->
     """A header announcing 1 MiB, and then nothing: closed with 1009 at once, nothing held."""
     async with serve("--max-message-bytes", "1000", "--ip-rate-limit", "0") as server:
         async with client_from(ATTACKER) as http:
-            room = await new_room(http, server)
+            room = await create_room(http, server)
         port = int(server.url.rsplit(":", 1)[1])
         raws = []
         for _ in range(20):
@@ -308,7 +291,7 @@ async def test_a_frame_over_four_times_the_limit_is_refused_from_its_header() ->
 async def test_compression_is_not_negotiated_and_a_deflate_bomb_is_refused() -> None:
     async with serve() as server:
         async with client_from(ATTACKER) as http:
-            room = await new_room(http, server)
+            room = await create_room(http, server)
             async with asyncio.timeout(WAIT):
                 ws = await http.ws_connect(f"{server.url}/api/serve/{room}", compress=15)
             assert ws.compress == 0  # offered, not accepted
@@ -338,7 +321,7 @@ async def test_member_that_never_reads_but_sends_pongs_is_dropped() -> None:
         "--ping-interval", "1", "--rate-limit", "0", "--ip-rate-limit", "0",
         "--frame-budget", "0", "--max-message-bytes", "60000",
     ) as server, client_from(ATTACKER) as http:
-        room = await new_room(http, server)
+        room = await create_room(http, server)
         port = int(server.url.rsplit(":", 1)[1])
         sloth = await _never_reading_socket(port, room)
         talker, _ = await join(http, server, room)
@@ -408,7 +391,7 @@ async def test_budgets_follow_x_forwarded_for_only_from_a_trusted_proxy(trusted:
     if trusted:
         flags += ["--forwarded-allow-ips", "127.0.0.1"]
     async with serve(*flags) as server, client_from(ATTACKER) as http:
-        room = await new_room(http, server)
+        room = await create_room(http, server)
         url = f"{server.url}/api/serve/{room}"
 
         async def connect(client: str) -> aiohttp.ClientWebSocketResponse:
