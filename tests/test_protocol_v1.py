@@ -366,6 +366,15 @@ class Setup:
         await eventually(self.delivered(1))
         return session
 
+    async def member_with_every_echo_held(self) -> Session:
+        """A member with MAX_IN_FLIGHT messages published whose echoes the queue holds."""
+        session = await self.member()
+        self.queue.holding = True
+        for n in range(MAX_IN_FLIGHT):
+            await self.controller.say(session, f"held {n}", f"h{n}")
+        await self.settled(session)
+        return session
+
     def delivered(self, count: int) -> Any:
         async def check() -> bool:
             return len(self.peer.frames) >= count
@@ -410,11 +419,7 @@ async def test_not_stored_fails_and_not_published_is_delivered_here_with_the_ref
 
 async def test_pending_refs_are_bounded_by_the_in_flight_messages() -> None:
     setup = Setup()
-    session = await setup.member()
-    setup.queue.holding = True
-    for n in range(MAX_IN_FLIGHT):
-        await setup.controller.say(session, f"held {n}", f"h{n}")
-    await setup.settled(session)
+    session = await setup.member_with_every_echo_held()
     assert len(setup.queue.held) == MAX_IN_FLIGHT  # all published, no echo yet
     # Each waits for its echo in an in-flight slot: the next message waits for one.
     assert session.in_flight.locked()
@@ -435,11 +440,7 @@ async def test_echoes_the_queue_lost_come_from_the_repository_with_their_refs() 
     is filled from the repository, so every echo comes, in order, with its ref, and
     every in-flight slot is free again."""
     setup = Setup()
-    session = await setup.member()
-    setup.queue.holding = True
-    for n in range(MAX_IN_FLIGHT):
-        await setup.controller.say(session, f"held {n}", f"h{n}")
-    await setup.settled(session)
+    session = await setup.member_with_every_echo_held()
     assert session.in_flight.locked()
     del setup.queue.held[: MAX_IN_FLIGHT - 1]
     setup.queue.release(1)  # the last one's echo: the others' are lost
