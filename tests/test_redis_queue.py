@@ -461,3 +461,30 @@ async def test_stalled_subscription_is_detected_and_rebuilt(
         assert "redis back: resubscribed 1 rooms" in redis_logs.text
     finally:
         await call(proxy.close())
+
+
+async def test_the_consumer_is_told_each_time_the_subscription_is_back(
+    open_queue: OpenQueue, server: RedisServer
+) -> None:
+    """What was published while the subscription was gone is never delivered: the
+    consumer is told once per recovery (and not at the first subscription), so that
+    it can fetch the rest elsewhere."""
+    queue = await open_queue(server.url)
+    recoveries: list[None] = []
+    queue.on_recovered(lambda: recoveries.append(None))
+    room = uuid4()
+    await call(queue.subscribe(room))
+    await call(queue.publish(room, b"before"))
+    assert await receive(received(queue)) == (room, b"before")
+    assert recoveries == []
+
+    async with Redis.from_url(server.url) as admin:
+        assert await call(admin.client_kill_filter(_type="pubsub")) == 1
+
+    async def told(times: int) -> bool:
+        return len(recoveries) == times
+
+    await eventually(lambda: told(1), wait=SETTLE)
+    server.kill()
+    server.start()
+    await eventually(lambda: told(2), wait=SETTLE)
