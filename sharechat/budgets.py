@@ -124,10 +124,6 @@ class Budgets:
         self._speech = _Buckets(config.ip_rate_limit, config.rate_burst)
         self._rooms = _Buckets(config.room_create_limit, config.room_create_burst)
 
-    @property
-    def max_connections(self) -> int:
-        return self._per_instance
-
     def create_room(self, address: str | None) -> None:
         """Spend one room creation of the client; raises BudgetExceeded."""
         key = client_key(address)

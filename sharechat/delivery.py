@@ -7,7 +7,7 @@ in the other order, and a lost or frozen queue connection loses payloads. So
 the queue carries each message with its number, and an instance hands a
 room's messages on strictly in number order: one that arrives early waits for
 the ones before it, and a number still missing after a moment (never
-published, lost in an outage, or deleted) is looked up in the repository,
+published, lost in an outage, or trimmed away) is looked up in the repository,
 which has the last word: what it holds is delivered, what it does not hold
 never will be. After the queue was lost, the whole room is caught up from the
 repository the same way.
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 # asked: long enough for a concurrent commit's publish to arrive, short for a person.
 GAP_WAIT = 0.05
 RETRY_WAIT = 0.5  # when the repository did not answer a repair
-# Early messages held for a room; past this the room is caught up from the repository.
+# Early messages held for a room whose first member's `joined` is being stored; past
+# this the oldest go (they precede that `joined`, so nobody here will want them).
 MAX_EARLY = 10_000
 PAGE = 1000
 
@@ -142,17 +143,11 @@ class RoomOrder:
                     self._early.setdefault(message.number, message.to_json())
             if messages:
                 self._skip_to(messages[-1].number)
-            self._hand_on_quietly()
+            self._hand_on()  # a gap left starts no second repair: this one goes on
             if len(messages) < PAGE:
                 break
         self._catching_up = False
         return True
-
-    def _hand_on_quietly(self) -> None:
-        assert self.delivered is not None
-        while (payload := self._early.pop(self.delivered + 1, None)) is not None:
-            self.delivered += 1
-            self._deliver(self.delivered, payload)
 
     def _skip_to(self, number: int) -> None:
         """The repository answered every number up to `number`: those it does not hold

@@ -151,18 +151,9 @@ class Session:
         """The echo of this stored message, about to be published, carries `ref`.
 
         It takes over the message's in-flight slot: the slot is released when the
-        echo is delivered, or by forget_echo().
+        echo is delivered (a stored message always is, see Controller._publish).
         """
         self._echoes.append((str(message_id).encode(), ref))
-
-    def forget_echo(self, message_id: UUID) -> None:
-        """The message was not published after all: release its slot, if still held."""
-        key = str(message_id).encode()
-        for index, (pending, _) in enumerate(self._echoes):
-            if pending == key:
-                del self._echoes[index]
-                self.in_flight.release()
-                return
 
     def _echo(self, payload: bytes) -> bytes:
         """The room's bytes, with its ref spliced in if this is one of the member's messages.
