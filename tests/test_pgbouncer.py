@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from sharechat.app import create_app
-from sharechat.config import Config
+from sharechat.config import Config, ConfigError, from_argv
 from sharechat.migrations import default_sql_dir, migrate
 from tests.conftest import Chat
 from tests.helpers import receive_until
@@ -61,6 +61,7 @@ async def test_a_chat_with_many_joining_at_once(
         room_create_limit=0,
         frame_budget=0,
         database_url=bouncer.url(unmigrated_dsn),
+        db_prepared_statements=False,
     )
     async with asyncio.timeout(WAIT):
         chat = Chat(await aiohttp_client(create_app(config)))
@@ -82,3 +83,13 @@ async def test_a_chat_with_many_joining_at_once(
         assert len(await chat.members(room)) == JOINERS
         for ws, _ in joins:
             await ws.close()
+
+
+def test_prepared_statements_are_on_unless_turned_off() -> None:
+    assert Config().db_prepared_statements
+    assert not from_argv(["--db-prepared-statements", "off"], {}).db_prepared_statements
+    environ = {"SHARECHAT_DB_PREPARED_STATEMENTS": "false"}
+    assert not from_argv([], environ).db_prepared_statements
+    assert from_argv(["--db-prepared-statements", "on"], environ).db_prepared_statements
+    with pytest.raises(ConfigError, match=r"SHARECHAT_DB_PREPARED_STATEMENTS.*on or off"):
+        from_argv([], {"SHARECHAT_DB_PREPARED_STATEMENTS": "sometimes"})
