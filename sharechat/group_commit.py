@@ -17,7 +17,7 @@ import collections
 import enum
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -212,6 +212,3 @@ def _own_copy(error: Exception) -> Exception:
     copy.__cause__ = error.__cause__
     return copy
 
-
-def drafts_of(writes: Sequence[Write]) -> list[Draft]:
-    return [write.draft for write in writes]

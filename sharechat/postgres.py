@@ -60,13 +60,13 @@ class PostgresRepository:
         """`room_max_messages`: the history a room keeps, oldest dropped first; 0 = all.
         `prepared_statements`: whether the pool's connections prepared the writer's
         statements (see open_postgres_repository)."""
-        self._pool = pool
-        self._timeout = timeout
+        self._connections = _Connections(pool, timeout)
+        self._cursor = self._connections.cursor
+        self._transaction = self._connections.transaction
         self._store = Store(room_max_messages or MAX_NUMBER, prepared=prepared_statements)
         self._writes = GroupCommit(
             self._commit, max_batch=max_batch, room_max_messages=room_max_messages
         )
-        self._available = True
 
     async def drain(self) -> None:
         """Finish the writes already handed to add_member, remove_member and add_message."""
@@ -177,7 +177,7 @@ class PostgresRepository:
         keep = self._store.keep
         if keep == MAX_NUMBER:
             return 0
-        async with self._cursor(max(self._timeout, 60.0)) as cursor:
+        async with self._cursor(max(self._connections.timeout, 60.0)) as cursor:
             await statements.TRIM_ROOMS.run(cursor, keep=keep)
             dropped: int = cursor.rowcount
         if dropped:
@@ -204,17 +204,27 @@ class PostgresRepository:
         async with self._transaction() as cursor:
             return await self._store.changes(cursor, writes)
 
+
+class _Connections:
+    """The aiopg pool: each call bounded by `timeout`, every driver error turned into
+    BackendUnavailable, one log line when PostgreSQL goes away and one when it is back."""
+
+    def __init__(self, pool: aiopg.Pool, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self._available = True
+
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiopg.Cursor]:
-        async with self._cursor() as cursor, cursor.begin():
+    async def transaction(self) -> AsyncIterator[aiopg.Cursor]:
+        async with self.cursor() as cursor, cursor.begin():
             yield cursor
 
     @contextlib.asynccontextmanager
-    async def _cursor(self, within: float | None = None) -> AsyncIterator[aiopg.Cursor]:
+    async def cursor(self, within: float | None = None) -> AsyncIterator[aiopg.Cursor]:
         try:
             async with (
-                asyncio.timeout(within or self._timeout),
-                self._pool.acquire() as connection,
+                asyncio.timeout(within or self.timeout),
+                self.pool.acquire() as connection,
             ):
                 try:
                     async with connection.cursor() as cursor:

@@ -69,6 +69,16 @@ async def query(dsn: str, statement: sa.ClauseElement) -> list[Any]:
         return await cursor.fetchall() if cursor.description else []
 
 
+@contextlib.asynccontextmanager
+async def pooled_cursor(repository: PostgresRepository) -> AsyncIterator[aiopg.Cursor]:
+    """A cursor on a connection of the repository's own pool."""
+    async with (
+        repository._connections.pool.acquire() as connection,
+        connection.cursor() as cursor,
+    ):
+        yield cursor
+
+
 async def new_room(repository: PostgresRepository) -> Room:
     room = Room(id=uuid4(), name="Blue Lagoon")
     await repository.create_room(room)
@@ -577,7 +587,7 @@ async def test_a_busy_room_at_its_bound_stores_at_a_steady_cost(dsn: str) -> Non
         explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + PREPARED.insert_message.sql
         params = {"id": str(uuid4()), "room_id": str(room.id), "member_id": str(member.id)}
         params |= {"member_name": member.name, "type": "chat", "message": "next", "keep": 10}
-        async with repo._pool.acquire() as connection, connection.cursor() as cursor:
+        async with pooled_cursor(repo) as cursor:
             await cursor.execute("BEGIN")
             await PREPARED.lock_room.run(cursor, room_id=str(room.id))
             await cursor.execute(explain, params)
@@ -634,7 +644,7 @@ async def test_the_writers_statements_are_planned_once_per_connection(dsn: str) 
         await repository.add_member(room.id, member, uuid4())
         for i in range(10):
             await repository.add_message(room.id, member, f"message {i}")
-        async with repository._pool.acquire() as connection, connection.cursor() as cursor:
+        async with pooled_cursor(repository) as cursor:
             await cursor.execute(str(statistics))
             plans = dict(await cursor.fetchall())
     assert set(plans) == {
@@ -662,7 +672,7 @@ async def test_without_prepared_statements_no_session_keeps_any(dsn: str) -> Non
         await asyncio.gather(*(repository.add_message(room.id, member, f"m{i}") for i in range(20)))
         await repository.remove_member(room.id, member)
         assert len(await repository.list_messages(room.id, Page())) == 22
-        async with repository._pool.acquire() as connection, connection.cursor() as cursor:
+        async with pooled_cursor(repository) as cursor:
             await cursor.execute(str(count))
             assert await cursor.fetchall() == [(0,)]
 
