@@ -59,7 +59,8 @@ class PgBouncer:
             "default_pool_size = 4\nmax_client_conn = 500\n"
             f"logfile = {self.directory / 'pgbouncer.log'}\n"
         )
-        command = ["pgbouncer", str(ini)]
+        # Debian puts it in /usr/sbin, which a user's PATH may lack.
+        command = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", str(ini)]
         if os.geteuid() == 0:  # PgBouncer refuses to run as root; -u drops to that user
             shutil.chown(self.directory, "postgres", "postgres")
             command[1:1] = ["-u", "postgres"]
