@@ -30,7 +30,7 @@ class Store:
         """Store the drafts in one statement; those whose room is gone are left out.
         `lock`: lock their rooms first, in the same round trip; else an earlier
         statement of the transaction has locked them. At most `keep` drafts of one
-        room (see _store)."""
+        room (see write_statements._store)."""
         if not drafts:
             return []
         run = self._statements

@@ -12,10 +12,8 @@ Each is a trick the plain design (one Core statement per change) would not need:
   them once per connection; WHOLE sends them whole, for a pooler in transaction
   mode, where nothing may outlive a transaction.
 
-Bounding: the statement that stores a room's messages numbers them on from the
-room's newest and deletes those at or below the newest minus `keep` (one index
-range, only for a room over the bound), so the room never holds more once the
-call returns, whichever instance stored what.
+Bounding: the statement that stores a room's messages also deletes those its
+own push out of the room's bound (see _store).
 """
 
 from __future__ import annotations
@@ -237,7 +235,7 @@ def _apply_changes() -> sa.Select[tuple[str, datetime, int]]:
 
 
 def _settle_changed(joined: sa.CTE, gone: sa.CTE) -> sa.Update:
-    """_settle for the rooms that `joined` and `gone` changed. Their own statement's
+    """settle() for the rooms that `joined` and `gone` changed. Their own statement's
     snapshot shows neither change: occupancy is reckoned with both."""
     occupied = sa.or_(
         sa.exists().where(
