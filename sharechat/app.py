@@ -81,6 +81,7 @@ async def open_repository(config: Config) -> AsyncIterator[Repository]:
         pool_max=config.db_pool_size,
         timeout=config.backend_timeout,
         room_max_messages=config.room_max_messages,
+        prepared_statements=config.db_prepared_statements,
     ) as repository:
         yield repository
 

@@ -45,6 +45,7 @@ class Config:
     redis_url: str | None = None
     redis_prefix: str = "sharechat:"
     db_pool_size: int = 10
+    db_prepared_statements: bool = True  # off behind PgBouncer in transaction mode
     backend_timeout: float = 5.0
     instance_lease: float = 6.0  # a dead instance's members are reaped within this + lease/3
 
@@ -121,6 +122,15 @@ def _url(*schemes: str) -> Callable[[str], str | None]:
         return text
 
     return parse
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be on or off (true/false, yes/no, 1/0)")
 
 
 def _text(text: str) -> str:
@@ -235,6 +245,11 @@ _SETTINGS = (
     _Setting(
         "db_pool_size", "--db-pool-size", "SHARECHAT_DB_POOL_SIZE", _positive_int,
         "PostgreSQL connections per instance",
+    ),
+    _Setting(
+        "db_prepared_statements", "--db-prepared-statements", "SHARECHAT_DB_PREPARED_STATEMENTS",
+        _boolean, "prepare the hot statements on each PostgreSQL connection (off behind "
+        "PgBouncer in transaction mode)",
     ),
     _Setting(
         "backend_timeout", "--backend-timeout", "SHARECHAT_BACKEND_TIMEOUT", _positive_seconds,

@@ -118,6 +118,14 @@ CASES = [
     ),
     Case("redis_prefix", "--redis-prefix", "SHARECHAT_REDIS_PREFIX", "t42:", "t42:", "x:"),
     Case("db_pool_size", "--db-pool-size", "SHARECHAT_DB_POOL_SIZE", "3", 3, "4"),
+    Case(
+        "db_prepared_statements",
+        "--db-prepared-statements",
+        "SHARECHAT_DB_PREPARED_STATEMENTS",
+        "off",
+        False,
+        "on",
+    ),
     Case("backend_timeout", "--backend-timeout", "SHARECHAT_BACKEND_TIMEOUT", "2.5", 2.5, "1"),
     Case("instance_lease", "--instance-lease", "SHARECHAT_INSTANCE_LEASE", "20", 20.0, "30"),
 ]
