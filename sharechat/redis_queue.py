@@ -51,13 +51,16 @@ async def open_redis_queue(
     prefix: str = "sharechat:",
     instance_id: UUID,
     canary_interval: float = 2.0,
+    ssl_ca_certs: str | None = None,
+    ssl_cert_reqs: str | None = None,
 ) -> AsyncIterator[RedisQueue]:
     """Connect, subscribe and listen; on exit stop every task and close every connection.
 
     Waits up to a couple of seconds for the first subscription; if Redis is not there
     yet, the queue is yielded anyway: ping() reports it and the listener keeps trying.
+    `ssl_ca_certs` and `ssl_cert_reqs` are redis-py's, for a rediss:// URL.
     """
-    pool = connection_pool(url)
+    pool = connection_pool(url, ssl_ca_certs=ssl_ca_certs, ssl_cert_reqs=ssl_cert_reqs)
     client = Redis.from_pool(pool)
     canary_channel = f"{prefix}instance:{instance_id}".encode()
     publisher = PublishPipeline(pool)

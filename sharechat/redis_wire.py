@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import math
 import os
+import ssl
 from typing import Any
 
 import hiredis
@@ -39,7 +40,10 @@ _POOL_SIZE = 8  # for PING; publishing and subscribing keep connections of their
 Command = tuple[bytes, ...]
 
 
-def connection_pool(url: str) -> BlockingConnectionPool:
+def connection_pool(
+    url: str, *, ssl_ca_certs: str | None = None, ssl_cert_reqs: str | None = None
+) -> BlockingConnectionPool:
+    """A pool for `url`; the TLS settings, when given, win over the URL's query."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=_POOL_SIZE,
@@ -48,7 +52,12 @@ def connection_pool(url: str) -> BlockingConnectionPool:
         socket_keepalive=True,
         protocol=2,
     )
-    pool.connection_kwargs["socket_timeout"] = None  # even if the URL sets one: see TIMEOUT
+    options = pool.connection_kwargs
+    options["socket_timeout"] = None  # even if the URL sets one: see TIMEOUT
+    if ssl_ca_certs is not None:
+        options["ssl_ca_certs"] = ssl_ca_certs
+    if ssl_cert_reqs is not None:
+        options["ssl_cert_reqs"] = ssl_cert_reqs
     return pool
 
 
@@ -217,9 +226,14 @@ def _fail(entries: list[_Publish], reason: str) -> None:
 
 
 def describe(exc: BaseException) -> str:
-    """A short reason for logs and health answers, e.g. "connection refused"."""
-    # redis-py's messages repeat the address and errno; the OS error behind them says it best.
+    """A short reason for logs and health answers, e.g. "connection refused" or
+    "TLS CERTIFICATE_VERIFY_FAILED: self-signed certificate"."""
+    # redis-py's messages repeat the address and errno; the error behind them says it best.
     origin = exc.__context__
+    if isinstance(origin, ssl.SSLCertVerificationError):
+        return f"TLS {origin.reason}: {origin.verify_message}"
+    if isinstance(origin, ssl.SSLError):  # its errno is OpenSSL's, not the OS's
+        return f"TLS {origin.reason or origin.strerror}"
     if isinstance(exc, RedisError) and isinstance(origin, OSError) and origin.errno:
         return os.strerror(origin.errno).lower()
     if isinstance(exc, TimeoutError):
