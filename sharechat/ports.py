@@ -169,12 +169,21 @@ def no_listener(room_id: UUID, payload: bytes) -> None:
 
 
 class Queue(Protocol):
-    """Fan-out of published messages to every instance that serves the room."""
+    """Fan-out of published messages to every instance that serves the room.
 
-    async def ping(self) -> None: ...
+    Each queue object is one instance; a room's payloads reach exactly the instances
+    subscribed to it (an in-process queue: only its own subscriptions). Whatever an
+    adapter may raise is BackendUnavailable. tests/test_queue_contract.py holds every
+    adapter to this.
+    """
+
+    async def ping(self) -> None:
+        """Raises BackendUnavailable unless the backend answers and subscriptions deliver."""
+        ...
 
     async def publish(self, room_id: UUID, payload: bytes) -> None:
-        """Deliver in call order (queued before the first await).
+        """Deliver in call order (queued before the first await), to a room with or
+        without subscribers.
 
         Raises BackendUnavailable when the payload may not reach every subscriber;
         after a timeout the backend may still deliver it, late.
@@ -182,10 +191,19 @@ class Queue(Protocol):
         ...
 
     async def subscribe(self, room_id: UUID) -> None:
-        """Return once payloads published to the room from now on will be received."""
+        """Return once payloads published to the room from now on will be received,
+        once each however often the room was subscribed.
+
+        Raises BackendUnavailable if that cannot be confirmed. When it raises or is
+        cancelled, the room is left unsubscribed (unless a later call subscribed it).
+        Calls for one room take effect in call order, even when they overlap: the
+        room ends subscribed if and only if the last call was subscribe().
+        """
         ...
 
-    async def unsubscribe(self, room_id: UUID) -> None: ...
+    async def unsubscribe(self, room_id: UUID) -> None:
+        """Stop delivering the room's payloads here, now and after any recovery."""
+        ...
 
     def on_recovered(self, recovered: Callable[[], None], /) -> None:
         """Call `recovered()` each time the subscription is back after it was lost (the
