@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -79,6 +80,12 @@ class Member:
         self.failed = 0
         self.outstanding = 0
         self.closing = False
+        self.gone = False  # the connection ended: nothing more will arrive
+
+    @property
+    def settled(self) -> bool:
+        """Every message sent was answered, or never will be."""
+        return self.outstanding <= 0 or self.gone
 
     async def pump(self) -> None:
         """Read frames until closed; refill the send window on every ack."""
@@ -90,6 +97,7 @@ class Member:
                         await self.fill()
         except (ConnectionError, RuntimeError):
             pass
+        self.gone = True
         if not self.closing:
             self.tally.errors += 1
 
@@ -104,6 +112,32 @@ class Member:
             body = f"{self.seat.idx}:{self.sent}:{time.monotonic_ns()}"
             self.sent += 1
             await self.ws.send_str(body)
+
+    async def paced(self, t0: int) -> None:
+        """Open loop: send on the seat's schedule until the window ends, whatever comes back.
+
+        Each body carries the time the message was due, not the time it went out, so a
+        late send (a busy generator, a socket that pushes back) counts in the latency
+        instead of hiding it (no coordinated omission); the lateness itself is kept apart.
+        """
+        due = t0 + self.seat.phase_ns
+        while due < self.window.end and not self.gone:
+            now = time.monotonic_ns()
+            if now < due:
+                await asyncio.sleep((due - now) / 1e9)
+                now = time.monotonic_ns()
+            body = f"{self.seat.idx}:{self.sent}:{due}"
+            self.sent += 1
+            self.outstanding += 1
+            try:
+                await self.ws.send_str(body)
+            except ConnectionError:  # never sent; the pump counts the broken connection
+                self.sent -= 1
+                self.outstanding -= 1
+                return
+            if due in self.window:
+                self.tally.lag_us.append((now - due) // 1000)
+            due += self.seat.period_ns
 
     def on_frame(self, data: str, now: int) -> None:
         msg = orjson.loads(data)
