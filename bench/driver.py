@@ -184,6 +184,8 @@ def workers(plans: list[Plan]) -> Iterator[list[Connection]]:
     try:
         yield [parent for parent, _ in pairs]
     finally:
+        for parent, _ in pairs:  # a process still waiting for an order stops at once
+            parent.close()
         for proc in procs:
             proc.join(timeout=PHASE_TIMEOUT)
             if proc.is_alive():

@@ -108,10 +108,8 @@ class Member:
             and (limit is None or self.sent < limit)
             and time.monotonic_ns() < self.window.end
         ):
-            self.outstanding += 1
-            body = f"{self.seat.idx}:{self.sent}:{time.monotonic_ns()}"
-            self.sent += 1
-            await self.ws.send_str(body)
+            if not await self.send(f"{self.seat.idx}:{self.sent}:{time.monotonic_ns()}"):
+                return
 
     async def paced(self, t0: int) -> None:
         """Open loop: send on the seat's schedule until the window ends, whatever comes back.
@@ -126,18 +124,23 @@ class Member:
             if now < due:
                 await asyncio.sleep((due - now) / 1e9)
                 now = time.monotonic_ns()
-            body = f"{self.seat.idx}:{self.sent}:{due}"
-            self.sent += 1
-            self.outstanding += 1
-            try:
-                await self.ws.send_str(body)
-            except ConnectionError:  # never sent; the pump counts the broken connection
-                self.sent -= 1
-                self.outstanding -= 1
+            if not await self.send(f"{self.seat.idx}:{self.sent}:{due}"):
                 return
             if due in self.window:
                 self.tally.lag_us.append((now - due) // 1000)
             due += self.seat.period_ns
+
+    async def send(self, body: str) -> bool:
+        """Send one message; False if the connection is broken (the pump counts that)."""
+        self.sent += 1
+        self.outstanding += 1  # before the send: its echo may come while it drains
+        try:
+            await self.ws.send_str(body)
+        except ConnectionError:
+            self.sent -= 1
+            self.outstanding -= 1
+            return False
+        return True
 
     def on_frame(self, data: str, now: int) -> None:
         msg = orjson.loads(data)

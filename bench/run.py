@@ -172,7 +172,7 @@ def report(paths: list[Path], plot_path: Path) -> None:
     rows: dict[tuple[str, str, int], Result] = {}
     commits: list[str] = []
     for path in paths:
-        meta, results = load_json(path)
+        _, results = load_json(path)
         commits.extend(r.commit for r in results if r.commit)
         rows.update({(r.scenario, r.backend, r.instances): r for r in results})
     merged = list(rows.values())
@@ -212,6 +212,8 @@ def bench(
             error = "" if crashed else f"{type(exc).__name__}: {exc}"
             result = Result(sc.name, backend.name, instances=instances, error=error)
     result.crashed = crashed
+    if crashed:  # the memory of a process that is gone says nothing
+        result.kib_per_conn = None
     result.background_cpu = background
     result.commit = commit
     print("crashed" if result.crashed else result.error or "done", file=sys.stderr)

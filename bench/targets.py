@@ -150,4 +150,4 @@ def find(rows: list[Result], scenario: str, backend: str, instances: int) -> Res
 
 
 def fmt(value: float) -> str:
-    return f"{value:,.2f}" if abs(value) < 10 else f"{value:,.0f}"
+    return f"{value:,.2f}" if abs(value) < 10 and not value.is_integer() else f"{value:,.0f}"
