@@ -172,7 +172,8 @@ class Member:
 
     def received_all(self, senders: Sequence[int], expected: dict[int, int]) -> bool:
         return all(
-            self.pairs[s].distinct >= expected[s] if s in self.pairs else expected[s] == 0
+            # A sender that never connected is not in `expected`: nothing to wait for.
+            self.pairs[s].distinct >= expected.get(s, 0) if s in self.pairs else not expected.get(s)
             for s in senders
         )
 
