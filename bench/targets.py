@@ -43,6 +43,8 @@ class Target:
     @property
     def text(self) -> str:
         sign, bound = ("≥", self.at_least) if self.at_least is not None else ("≤", self.at_most)
+        if self.against and bound == 1:
+            return f"{self.header} {sign} {self.against}'s"
         if self.against:
             return f"{self.header} {sign} {bound:g}x {self.against}"
         return f"{self.header} {sign} {bound:,g}"
