@@ -14,6 +14,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench.backends import (
     BACKENDS,
@@ -158,12 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "processes": args.processes,
         "instances": args.instances,
-        "redis_url": args.redis_url,
+        "redis_url": without_credentials(args.redis_url),
         "scenarios": [vars(sc) for sc in scenarios],
     }
     save_json(RESULTS / f"{stamp}.json", meta, results, verdicts)
     plot_path = args.plot or (RESULTS / f"{stamp}.png" if args.quick else PLOT)
-    plot(plot_path, results, f"sharechat {commit} — {stamp}{' (quick)' if args.quick else ''}")
+    quick = " (quick)" if args.quick else ""
+    plot(plot_path, results, f"{title(commit, args.instances)} — {stamp}" + quick)
     print(f"\nsaved {RESULTS / f'{stamp}.json'} and {plot_path}", file=sys.stderr)
 
 
@@ -180,6 +182,12 @@ def report(paths: list[Path], plot_path: Path) -> None:
     print(f"## {heading}\n\n{markdown(merged, judge(merged))}")
     plot(plot_path, merged, heading)
     print(f"\nsaved {plot_path}", file=sys.stderr)
+
+
+def without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return parts._replace(netloc=host).geturl()
 
 
 def title(commit: str, instances: int) -> str:
