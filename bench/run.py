@@ -32,6 +32,7 @@ from bench.procfs import raise_fd_limit, wait_quiet
 from bench.report import load_json, markdown, plot, save_json
 from bench.results import Result, summarize
 from bench.scenarios import NAMES, Scenario, select
+from bench.spread import spread
 from bench.targets import judge
 
 RESULTS = ROOT / "bench" / "results"
@@ -94,6 +95,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run nothing: table and plot from saved records (a later one wins per row)",
     )
     parser.add_argument(
+        "--spread",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: median and range of each figure over repeated runs' records, "
+        "and how many of them met each target",
+    )
+    parser.add_argument(
         "--plot",
         type=Path,
         help=f"PNG path (default {PLOT}; with --quick, next to the JSON record)",
@@ -131,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report:
         report(args.report, args.plot or PLOT)
+        return
+    if args.spread:
+        print(spread([load_json(path)[1] for path in args.spread]))
         return
     raise_fd_limit()
     scenarios = select(args.scenarios, args.quick, args.duration, args.warmup)

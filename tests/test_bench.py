@@ -12,6 +12,7 @@ from bench.driver import make_plans, make_seats
 from bench.results import Result
 from bench.run import parse_args
 from bench.scenarios import SCENARIOS
+from bench.spread import spread
 from bench.targets import Status, judge
 
 MANY_ROOMS = next(s for s in SCENARIOS if s.name == "many-rooms")
@@ -107,3 +108,16 @@ def test_several_instances_take_the_backends_that_share_through_redis() -> None:
     assert parse_args([]).backends == ["original", "memory", "postgres", "postgres+redis", "bare"]
     with pytest.raises(SystemExit):
         parse_args(["--instances", "2", "--backends", "memory"])
+
+
+def test_spread_gives_the_median_and_range_and_counts_runs_that_met_a_target() -> None:
+    runs = [
+        [
+            row("latency", "original", acked_per_s=1000.0),
+            row("latency", "postgres+redis", acked_per_s=acked),
+        ]
+        for acked in (1600.0, 1400.0, 2000.0)
+    ]
+    text = spread(runs)
+    assert "| latency | postgres+redis | 3 | 1,600 (1,400-2,000) |" in text
+    assert "latency: postgres+redis: acked/s ≥ 1.5x original: met in 2 of 3 runs" in text
