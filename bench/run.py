@@ -212,7 +212,8 @@ def bench(
 ) -> Result:
     """One scenario on freshly started servers; a failure becomes a row, not an abort."""
     instances = setup.instances if backend.redis else 1
-    print(f"{backend.name} x{instances} / {sc.name} ...", end=" ", file=sys.stderr, flush=True)
+    label = backend.name + (f" x{instances}" if instances > 1 else "")
+    print(f"{label} / {sc.name} ...", end=" ", file=sys.stderr, flush=True)
     background = wait_quiet(QUIET_CORES, args.quiet_wait)
     if background >= QUIET_CORES:
         print(f"(machine busy: {background:.2f} cores)", end=" ", file=sys.stderr, flush=True)
