@@ -62,8 +62,8 @@ def _tune_garbage_collector() -> None:
     A busy server allocates a task, futures and messages per chat message; at the
     default threshold (700) the collector runs hundreds of times a second and
     now and then walks the whole heap, holding every room up for milliseconds
-    (the README's benchmarks show the effect). Little garbage here is cyclic, so
-    memory stays flat.
+    (the README's Architecture section gives the measurement). Little garbage
+    here is cyclic, so memory stays flat.
     """
     gc.collect()
     gc.freeze()

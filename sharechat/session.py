@@ -206,7 +206,7 @@ class Session(Sender):
         """The echo of this stored message, about to be published, carries `ref`.
 
         It takes over the message's in-flight slot: the slot is released when the
-        echo is delivered (a stored message always is, see Controller._publish).
+        echo is delivered (a stored message always is, see rooms.LiveRooms.publish).
         """
         self._echoes.append((str(message_id).encode(), ref))
 

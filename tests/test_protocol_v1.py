@@ -16,7 +16,6 @@ from sharechat.controller import Controller
 from sharechat.domain import (
     BackendUnavailable,
     Member,
-    Message,
     Room,
     chat,
     failed,
@@ -24,11 +23,12 @@ from sharechat.domain import (
     wire_id,
     with_ref,
 )
-from sharechat.memory import MemoryQueue, MemoryRepository
+from sharechat.memory import MemoryQueue
 from sharechat.refusals import RefusalLog
 from sharechat.session import MAX_IN_FLIGHT, Session
 from tests.conftest import Chat, StartServer
 from tests.helpers import MESSAGE_KEYS, WAIT, Recorder, eventually, receive_json
+from tests.test_controller import FlakyRepository
 
 V1 = "sharechat.v1"
 
@@ -309,17 +309,6 @@ async def test_plain_framing_is_unchanged(chat: Chat) -> None:
 
 
 # -- the controller's own failures, on the embedded backends -----------------------------
-
-
-class FlakyRepository(MemoryRepository):
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = False
-
-    async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        if self.down:
-            raise BackendUnavailable("test: repository down")
-        return await super().add_message(room_id, member, text)
 
 
 class HoldingQueue(MemoryQueue):
