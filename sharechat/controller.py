@@ -133,12 +133,10 @@ class Controller:
         and in any `failed` about it, to the sender alone; a message with a ref always
         gets one of the two, even an empty one.
 
-        Returns once the message is under way, so that a member may have several
-        in flight (they share commits with the room's other writes); it waits while
-        MAX_IN_FLIGHT of this member's messages are. Order is kept without waiting:
-        the repository numbers a room's messages in call order, and every instance
-        hands them on in number order (delivery.RoomOrder). So the room sees messages
-        in the order of the history, and a member its own in the order it sent them.
+        Returns once the message is under way, so that a member may have several in
+        flight (they share commits with the room's other writes), MAX_IN_FLIGHT at
+        most. Order holds without waiting: the repository numbers a room's messages
+        in call order, and every instance hands them on in number order (RoomOrder).
         """
         text = chat_text(text)
         if not text:

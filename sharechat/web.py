@@ -61,7 +61,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/api/livez", livez)
     app.router.add_get("/api/readyz", readyz)
-    app.router.add_get("/api/healthz", readyz)  # the name before readyz and livez existed
+    app.router.add_get("/api/healthz", readyz)  # for what polls it already
     app.router.add_post("/api/room", create_room)
     app.router.add_get("/api/room/{room_id}", get_room)
     app.router.add_get("/api/room/{room_id}/messages", get_messages)
