@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
 from uuid import UUID
 
 from sharechat.delivery import RoomOrder, frame, unframe
@@ -41,7 +40,8 @@ class LiveRoom:
 
 
 class LiveRooms:
-    """The registry of live rooms, and the way in and out of the queue."""
+    """The registry of live rooms and of the members here, and the way in and out of
+    the queue."""
 
     def __init__(self, repository: Repository, queue: Queue) -> None:
         self._repository = repository
@@ -61,8 +61,9 @@ class LiveRooms:
     def get(self, room_id: UUID) -> LiveRoom | None:
         return self._rooms.get(room_id)
 
-    def items(self) -> Iterator[tuple[UUID, LiveRoom]]:
-        return iter(list(self._rooms.items()))
+    def items(self) -> list[tuple[UUID, LiveRoom]]:
+        """A snapshot: rooms come and go while a caller awaits."""
+        return list(self._rooms.items())
 
     def enter(self, session: Session) -> LiveRoom:
         """The member's room, subscribed (or being subscribed) for it."""
