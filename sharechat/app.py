@@ -69,7 +69,9 @@ async def drain(app: web.Application) -> None:
 
 def describe_backends(config: Config) -> str:
     repository = "PostgreSQL" if config.database_url else "in-memory repository"
-    queue = "Redis" if config.redis_url else "in-process queue"
+    queue = "in-process queue"
+    if config.redis_url:
+        queue = "Redis over TLS" if config.redis_url.startswith("rediss:") else "Redis"
     return f"{repository}, {queue}"
 
 
@@ -90,6 +92,7 @@ async def open_repository(config: Config) -> AsyncIterator[Repository]:
         pool_max=config.db_pool_size,
         timeout=config.backend_timeout,
         room_max_messages=config.room_max_messages,
+        prepared_statements=config.db_prepared_statements,
     ) as repository:
         yield repository
 
@@ -102,6 +105,10 @@ async def open_queue(config: Config, instance_id: UUID) -> AsyncIterator[Queue]:
     from sharechat.redis_queue import open_redis_queue
 
     async with open_redis_queue(
-        config.redis_url, prefix=config.redis_prefix, instance_id=instance_id
+        config.redis_url,
+        prefix=config.redis_prefix,
+        instance_id=instance_id,
+        ssl_ca_certs=config.redis_ssl_ca_certs,
+        ssl_cert_reqs=config.redis_ssl_cert_reqs,
     ) as queue:
         yield queue
