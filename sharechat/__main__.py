@@ -61,10 +61,9 @@ def _tune_garbage_collector() -> None:
 
     A busy server allocates a task, futures and messages per chat message; at the
     default threshold (700) the collector runs hundreds of times a second and
-    now and then walks the whole heap, holding every room up for milliseconds.
-    Measured with the benchmark (many rooms, PostgreSQL + Redis): p99 170-200 ms
-    -> 129-135 ms at 15-16k -> 18k acked/s. Little garbage here is cyclic, so
-    memory stays flat.
+    now and then walks the whole heap, holding every room up for milliseconds
+    (the README's Architecture section gives the measurement). Little garbage
+    here is cyclic, so memory stays flat.
     """
     gc.collect()
     gc.freeze()
@@ -84,7 +83,7 @@ async def _run_until_signalled(config: settings.Config) -> None:
     """Serve until SIGTERM or SIGINT, then leave cleanly; a second signal exits at once."""
     from aiohttp import web
 
-    from sharechat.app import SHUTDOWN_GRACE, create_app
+    from sharechat.app import SHUTDOWN_GRACE, create_app, drain
     from sharechat.http_server import HttpRunner
 
     stop = asyncio.Event()
@@ -112,6 +111,7 @@ async def _run_until_signalled(config: settings.Config) -> None:
         for address in runner.addresses:
             log.info("serving on http://%s:%d", *address[:2])
         await stop.wait()
+        await drain(runner.app)  # still listening: the probes see the instance draining
     finally:
         await runner.cleanup()
 
