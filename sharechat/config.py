@@ -48,6 +48,12 @@ class Config:
     backend_timeout: float = 5.0
     instance_lease: float = 6.0  # a dead instance's members are reaped within this + lease/3
 
+    @property
+    def redis_cluster(self) -> bool:
+        """A redis+cluster:// (or rediss+cluster://) URL picks the Redis Cluster queue: one
+        setting says both where the queue is and what it is, as broadcaster's URLs do."""
+        return self.redis_url is not None and urlsplit(self.redis_url).scheme.endswith("+cluster")
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -225,8 +231,10 @@ _SETTINGS = (
         "PostgreSQL URL (default: in-memory repository)",
     ),
     _Setting(
-        "redis_url", "--redis-url", "REDIS_URL", _url("redis", "rediss"),
-        "Redis URL (default: in-process queue; needs a database)",
+        "redis_url", "--redis-url", "REDIS_URL",
+        _url("redis", "rediss", "redis+cluster", "rediss+cluster"),
+        "Redis URL, redis+cluster://one-node:port for a Redis Cluster "
+        "(default: in-process queue; needs a database)",
     ),
     _Setting(
         "redis_prefix", "--redis-prefix", "SHARECHAT_REDIS_PREFIX", _text,

@@ -1,0 +1,290 @@
+"""One shard's pub/sub connection for the Redis Cluster queue (see redis_cluster_queue).
+
+A shard is the master that owns a set of slots. The instance holds one sharded pub/sub
+connection (SSUBSCRIBE) to each master that owns a room it serves, read by one listener
+task, plus a canary channel whose slot that master owns: a subscription that stops
+delivering without the connection failing shows up as an overdue canary.
+
+The shard knows nothing of the slot map: when its connection fails, or Redis says a
+channel lives elsewhere (a MOVED reply, or a `sunsubscribe` it did not ask for, sent
+when a slot migrates or its master is demoted), it tells its owner, which re-maps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from collections import Counter, defaultdict, deque
+from collections.abc import Sequence
+from typing import Protocol
+from uuid import UUID
+
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import RedisError, ResponseError
+
+from sharechat.domain import BackendUnavailable
+from sharechat.redis_queue import _describe as describe
+from sharechat.redis_queue import _utf8 as utf8
+
+log = logging.getLogger(__name__)
+
+# Seconds for a connect, a write and a subscribe confirmation; as in redis_queue, our own
+# asyncio.timeout()s rather than redis-py's socket_timeout (see there why).
+TIMEOUT = 1.5
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 2.0
+
+
+class Moved(Exception):
+    """The shard does not own the channel's slot (any more)."""
+
+
+class ShardOwner(Protocol):
+    """What a shard reports to, and asks: the queue's map of slots to shards."""
+
+    def canary_for(self, node: ClusterNode) -> bytes:
+        """A channel of this instance whose slot the node owns; raises Moved if none."""
+        ...
+
+    def deliver(self, room_id: UUID, payload: bytes) -> None: ...
+
+    def moved(self, shard: Shard, channels: Sequence[bytes]) -> None:
+        """The shard dropped these channels: Redis says their slot lives elsewhere."""
+        ...
+
+    def lost(self, shard: Shard) -> None:
+        """The shard's connection failed or stalled: the slot map may have changed."""
+        ...
+
+    def back(self, shard: Shard) -> None:
+        """The shard resubscribed its channels after losing them: a gap may need repair."""
+        ...
+
+
+class Shard:
+    """One master's pub/sub connection: subscriptions, the listener loop, the canary watchdog."""
+
+    def __init__(self, node: ClusterNode, owner: ShardOwner, stall_after: float) -> None:
+        self.node = node
+        self._owner = owner
+        self._stall_after = stall_after
+        self.channels: dict[bytes, UUID] = {}  # the rooms this shard is to hold
+        # Redis answers a connection's commands in order, so each channel's pending
+        # subscribes wait in a FIFO, and `_sent` says which command an error answers.
+        self._waiters: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
+        self._sent: deque[tuple[bytes, bytes]] = deque()
+        self._unsubscribing: Counter[bytes] = Counter()
+        self._conn: AbstractConnection | None = None
+        self._outbox: list[tuple[AbstractConnection | None, tuple[bytes, bytes]]] = []
+        self._outbox_ready = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._deadline: asyncio.Timeout | None = None
+        self.canary: bytes | None = None
+        self.down_reason: str | None = "not connected yet"
+        self._subscribed_once = False
+        self._warned = False
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"redis-cluster-shard-{node.name}"),
+            asyncio.create_task(self._write(), name=f"redis-cluster-writer-{node.name}"),
+        ]
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def subscribe(self, channel: bytes, room_id: UUID) -> None:
+        """Return once the shard confirmed the channel; raise BackendUnavailable or Moved.
+
+        The channel stays the shard's either way: the owner decides where it goes next.
+        """
+        self.channels[channel] = room_id
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await self._ready.wait()
+                confirmed = asyncio.get_running_loop().create_future()
+                self._waiters[channel].append(confirmed)
+                self._send(b"SSUBSCRIBE", channel)
+                await confirmed
+        except TimeoutError:
+            reason = self.down_reason or "subscribe not confirmed"
+            raise BackendUnavailable(f"redis cluster: {self.name}: {reason}") from None
+
+    def unsubscribe(self, channel: bytes) -> None:
+        if self.channels.pop(channel, None) is not None:
+            self._send(b"SUNSUBSCRIBE", channel)
+
+    def canary_sent(self) -> None:
+        """Redis accepted this shard's canary: some reply is now due within the stall window."""
+        deadline = self._deadline
+        if deadline is not None and deadline.when() is None:
+            deadline.reschedule(asyncio.get_running_loop().time() + self._stall_after)
+
+    def _send(self, command: bytes, channel: bytes) -> None:
+        self._outbox.append((self._conn, (command, channel)))
+        self._outbox_ready.set()
+
+    async def _write(self) -> None:
+        """Send queued commands in order; only this task writes (see redis_queue._Subscriber)."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            conn = self._conn
+            commands = [command for target, command in self._outbox if target is conn]
+            self._outbox.clear()
+            if conn is None or not commands or not conn.is_connected:
+                continue
+            for command, channel in commands:
+                self._sent.append((command, channel))
+                if command == b"SUNSUBSCRIBE":
+                    self._unsubscribing[channel] += 1
+            with contextlib.suppress(RedisError, OSError):
+                async with asyncio.timeout(TIMEOUT):
+                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+
+    async def _run(self) -> None:
+        delay = _BACKOFF_MIN
+        try:
+            while True:
+                try:
+                    await self._session()
+                except Exception as exc:  # whatever broke the connection, rebuild it
+                    if self._ready.is_set():
+                        delay = _BACKOFF_MIN
+                    self._lost(describe(exc))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, _BACKOFF_MAX)
+        finally:
+            self._reset("queue closed")
+
+    async def _session(self) -> None:
+        kwargs = {**self.node.connection_kwargs, "protocol": 2, "socket_timeout": None}
+        conn = self.node.connection_class(**kwargs)
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await conn.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            self.canary = self._owner.canary_for(self.node)
+            self._sent.clear()
+            self._unsubscribing.clear()
+            self._conn = conn
+            rooms = list(self.channels)
+            for channel in rooms:
+                self._send(b"SSUBSCRIBE", channel)
+            # The canary goes last: its confirmation means every room before it is answered.
+            self._send(b"SSUBSCRIBE", self.canary)
+            while True:
+                await self._listen_until_silent(conn)
+                if not await conn.can_read():  # replies waiting: a late event loop, not a stall
+                    raise _Stalled("subscription stalled")
+        finally:
+            self._conn = None
+            await conn.disconnect()
+
+    async def _listen_until_silent(self, conn: AbstractConnection) -> None:
+        try:
+            async with asyncio.timeout(self._stall_after) as deadline:
+                self._deadline = deadline
+                await self._listen(conn, deadline)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+        finally:
+            self._deadline = None
+
+    async def _listen(self, conn: AbstractConnection, deadline: asyncio.Timeout) -> None:
+        while True:
+            try:
+                reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+            except ResponseError as error:  # e.g. MOVED: the answer to the oldest command
+                self._refused(error)
+                continue
+            if deadline.when() is not None:
+                deadline.reschedule(None)  # any reply proves that the subscription delivers
+            kind, channel = reply[0], reply[1]
+            if kind == b"smessage":
+                room_id = self.channels.get(channel)
+                if room_id is not None:  # else the canary, or a room unsubscribed a moment ago
+                    self._owner.deliver(room_id, utf8(reply[2]))
+            elif kind == b"ssubscribe":
+                self._answered()
+                self._confirmed(channel)
+            elif kind == b"sunsubscribe":
+                self._unsubscribed(channel)
+
+    def _refused(self, error: ResponseError) -> None:
+        command, channel = self._answered() or (b"", b"")
+        if command != b"SSUBSCRIBE" or channel == self.canary:
+            raise error  # not a room's subscription: start over, after the owner re-maps
+        waiters = self._waiters.pop(channel, deque())
+        for confirmed in waiters:
+            if not confirmed.done():
+                confirmed.set_exception(Moved(describe(error)))
+        if self.channels.pop(channel, None) is not None and not waiters:
+            self._owner.moved(self, [channel])  # a resubscription nobody waits for
+
+    def _unsubscribed(self, channel: bytes) -> None:
+        if self._unsubscribing[channel] > 0:
+            self._answered()
+            self._unsubscribing[channel] -= 1
+            return
+        # Not asked for: Redis moved the slot away (a migration, or this master demoted).
+        if channel == self.canary:
+            raise Moved("the canary's slot moved")
+        if self.channels.pop(channel, None) is not None:
+            self._owner.moved(self, [channel])
+
+    def _answered(self) -> tuple[bytes, bytes] | None:
+        return self._sent.popleft() if self._sent else None
+
+    def _confirmed(self, channel: bytes) -> None:
+        if channel == self.canary:
+            self._back()
+        waiters = self._waiters.get(channel)
+        if not waiters:
+            return  # a resubscription after a reconnect: nobody waits for it
+        confirmed = waiters.popleft()
+        if not waiters:
+            del self._waiters[channel]
+        if not confirmed.done():
+            confirmed.set_result(None)
+
+    def _back(self) -> None:
+        if self._ready.is_set():
+            return
+        self.down_reason = None
+        self._ready.set()
+        if self._warned:
+            self._warned = False
+            log.info("redis cluster shard %s back: %d rooms", self.name, len(self.channels))
+        if self._subscribed_once:
+            self._owner.back(self)
+        self._subscribed_once = True
+
+    def _lost(self, reason: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("redis cluster shard %s lost: %s", self.name, reason)
+        self._reset(reason)
+        self._owner.lost(self)
+
+    def _reset(self, reason: str) -> None:
+        self._conn = None
+        self._ready.clear()
+        self.down_reason = reason
+        for waiters in self._waiters.values():
+            for confirmed in waiters:
+                if not confirmed.done():
+                    confirmed.set_exception(BackendUnavailable(f"redis cluster: {reason}"))
+        self._waiters.clear()
+
+
+class _Stalled(Exception):
+    pass
