@@ -101,6 +101,8 @@ class RedisClusterQueue:
         answers = await asyncio.gather(*(self._ping(node) for node in primaries))
         troubles += [f"{node.name}: {reason}" for node, reason in answers if reason]
         if troubles:
+            # The slot map may be the one to blame (a failover it has not seen yet).
+            self._shards.remap_soon()
             raise BackendUnavailable(f"redis cluster: {'; '.join(sorted(set(troubles)))}")
 
     async def _ping(self, node: ClusterNode) -> tuple[ClusterNode, str | None]:
@@ -255,6 +257,9 @@ class _Shards:
         self._remap.set()
 
     def lost(self, shard: Shard) -> None:
+        self.remap_soon()
+
+    def remap_soon(self) -> None:
         self._remap.set()
 
     def back(self, shard: Shard) -> None:

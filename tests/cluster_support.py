@@ -115,12 +115,37 @@ class RedisCluster:
 
     def kill_master(self, port: int) -> int:
         """Kill the master on `port`; return the port of the replica that took over its slots."""
-        node = next(node for node in self._nodes if node.port == port)
+        node = self._node_at(port)
         slot = self._a_slot_of(port)
         node.kill()
         deadline = time.monotonic() + FAILOVER
         _wait(lambda: self._owner(slot) != port, deadline, f"a replica of {port} to take over")
         return self._owner(slot)
+
+    def move_slot(self, slot: int, to_port: int) -> None:
+        """Migrate one (keyless) slot to the master on `to_port`, as resharding does."""
+        source, target = self._node_at(self._owner(slot)), self._node_at(to_port)
+        with source.client() as source_client, target.client() as target_client:
+            source_id = source_client.execute_command("CLUSTER", "MYID").decode()
+            target_id = target_client.execute_command("CLUSTER", "MYID").decode()
+            target_client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            source_client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            # Pub/sub channels are no keys: there is nothing to MIGRATE.
+            target_client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            source_client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        deadline = time.monotonic() + STARTUP
+        _wait(lambda: self._everyone_says(slot, to_port), deadline, f"slot {slot} to move")
+
+    def _everyone_says(self, slot: int, port: int) -> bool:
+        for node in self._live():
+            with node.client() as client:
+                for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end and int(master[1]) != port:
+                        return False
+        return True
+
+    def _node_at(self, port: int) -> _Node:
+        return next(node for node in self._nodes if node.port == port)
 
     def _formed(self) -> bool:
         try:
