@@ -5,7 +5,7 @@ the cluster, from which redis-py's cluster client discovers the others and the s
 
 Each room is the sharded channel `<prefix>room:<room_id>`, which lives on the master
 that owns its slot. Publishing is SPUBLISH through the cluster client, which follows
-MOVED/ASK. Subscribing is ours, not redis-py's ClusterPubSub: that one polls its
+MOVED/ASK, in one lane per master (redis_cluster_shard.PublishLane). Subscribing is ours, not redis-py's ClusterPubSub: that one polls its
 per-node connections and hides when a subscription is confirmed, lost or back, which
 the port promises to tell. So the instance keeps one sharded pub/sub connection per
 master that owns a room it serves (redis_cluster_shard), each with a canary on a slot
@@ -28,13 +28,12 @@ from redis.exceptions import RedisError
 
 from sharechat.domain import BackendUnavailable
 from sharechat.ports import Deliver, no_listener
-from sharechat.redis_cluster_shard import TIMEOUT, Moved, Shard
+from sharechat.redis_cluster_shard import TIMEOUT, Moved, PublishLane, Shard
 from sharechat.redis_queue import _describe as describe
 
 log = logging.getLogger(__name__)
 
 _STALL_INTERVALS = 3  # canary intervals without any reply, once Redis took a canary
-_MAX_BATCH = 1_000  # publishes per round; the rest go in the next one
 _CANARY_TAGS = 1_000_000  # hash tags tried for a canary on a master's slots
 
 
@@ -61,7 +60,6 @@ async def open_redis_cluster_queue(
     shards = _Shards(cluster, f"{prefix}instance:{instance_id}:".encode(), canary_interval)
     publisher = _Publisher(cluster)
     tasks = [
-        asyncio.create_task(publisher.run(), name="redis-cluster-publisher"),
         asyncio.create_task(shards.remap_when_asked(), name="redis-cluster-remap"),
         asyncio.create_task(
             _publish_canaries(publisher, shards, canary_interval), name="redis-cluster-canary"
@@ -75,7 +73,7 @@ async def open_redis_cluster_queue(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await shards.close()
+        await asyncio.gather(shards.close(), publisher.close())
         await cluster.aclose()
 
 
@@ -321,67 +319,32 @@ class _Shards:
             log.exception("catching up after the subscription came back failed")
 
 
-_Publish = tuple[bytes, bytes, asyncio.Future[None]]
-
-
 class _Publisher:
-    """Sends concurrent publishes together, one cluster pipeline per master, in call order."""
+    """Routes each publish to the lane of its slot's master (see PublishLane).
+
+    A room's publishes keep their call order while its slot stays on one master;
+    across a failover or a migration two lanes may carry one room's messages at
+    once, and the instances put them back in order by their numbers.
+    """
 
     def __init__(self, cluster: RedisCluster) -> None:
         self._cluster = cluster
-        self._pending: list[_Publish] = []
-        self._wakeup = asyncio.Event()
+        self._lanes: dict[str, PublishLane] = {}
         self._closed = False
 
     async def publish(self, channel: bytes, payload: bytes) -> None:
         if self._closed:
             raise BackendUnavailable("redis cluster: queue closed")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((channel, payload, done))
-        self._wakeup.set()
-        await done
+        slots = self._cluster.nodes_manager.slots_cache.get(key_slot(channel))
+        name = slots[0].name if slots else ""  # not mapped yet: the client maps it
+        lane = self._lanes.get(name)
+        if lane is None:
+            lane = self._lanes[name] = PublishLane(self._cluster, name)
+        await lane.publish(channel, payload)
 
-    async def run(self) -> None:
-        batch: list[_Publish] = []
-        try:
-            while True:
-                await self._wakeup.wait()
-                batch = self._pending[:_MAX_BATCH]
-                del self._pending[:_MAX_BATCH]
-                if not self._pending:
-                    self._wakeup.clear()
-                await self._send(batch)
-        finally:
-            self._closed = True
-            _fail(batch + self._pending, "queue closed")
-
-    async def _send(self, batch: list[_Publish]) -> None:
-        # A caller cancelled before its turn has given up: do not publish behind its back.
-        by_master: dict[str, list[_Publish]] = {}
-        for entry in batch:
-            if not entry[2].done():
-                slots = self._cluster.nodes_manager.slots_cache.get(key_slot(entry[0]))
-                by_master.setdefault(slots[0].name if slots else "", []).append(entry)
-        # One shard's trouble must not hold up or fail the rooms of the others.
-        await asyncio.gather(*(self._pipeline(entries) for entries in by_master.values()))
-
-    async def _pipeline(self, entries: list[_Publish]) -> None:
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                pipe = self._cluster.pipeline(transaction=False)
-                for channel, payload, _ in entries:
-                    pipe.execute_command("SPUBLISH", channel, payload)
-                results = await pipe.execute(raise_on_error=False)
-        except Exception as exc:  # a connection broken mid-pipeline raises more than RedisError
-            _fail(entries, describe(exc))
-            return
-        for (_, _, done), result in zip(entries, results, strict=True):
-            if done.done():
-                continue
-            if isinstance(result, Exception):
-                done.set_exception(BackendUnavailable(f"redis cluster: {describe(result)}"))
-            else:
-                done.set_result(None)
+    async def close(self) -> None:
+        self._closed = True
+        await asyncio.gather(*(lane.close() for lane in self._lanes.values()))
 
 
 async def _publish_canaries(publisher: _Publisher, shards: _Shards, interval: float) -> None:
@@ -402,9 +365,3 @@ async def _publish_canary(publisher: _Publisher, shard: Shard) -> None:
 
 def _nothing() -> None:
     """The recovery callback of a queue nobody listens to."""
-
-
-def _fail(entries: list[_Publish], reason: str) -> None:
-    for _, _, done in entries:
-        if not done.done():
-            done.set_exception(BackendUnavailable(f"redis cluster: {reason}"))

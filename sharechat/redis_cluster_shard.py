@@ -1,4 +1,5 @@
-"""One shard's pub/sub connection for the Redis Cluster queue (see redis_cluster_queue).
+"""What the Redis Cluster queue does with each master: its pub/sub connection, its
+publish lane (see redis_cluster_queue).
 
 A shard is the master that owns a set of slots. The instance holds one sharded pub/sub
 connection (SSUBSCRIBE) to each master that owns a room it serves, read by one listener
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from typing import Protocol
 from uuid import UUID
 
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError, ResponseError
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 TIMEOUT = 1.5
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
+_MAX_BATCH = 1_000  # publishes per pipeline; the rest go in the next one
 
 
 class Moved(Exception):
@@ -288,3 +290,73 @@ class Shard:
 
 class _Stalled(Exception):
     pass
+
+
+_Publish = tuple[bytes, bytes, asyncio.Future[None]]
+
+
+class PublishLane:
+    """One master's publishes, sent in call order as pipelines: while one is in flight,
+    the next fills up. A lane per master, so that a dead master holds up its own rooms
+    only. The pipeline is the cluster client's, so a MOVED or ASK reply is followed."""
+
+    def __init__(self, cluster: RedisCluster, name: str) -> None:
+        self._cluster = cluster
+        self._pending: list[_Publish] = []
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._task = asyncio.create_task(self._run(), name=f"redis-cluster-publisher-{name}")
+
+    async def publish(self, channel: bytes, payload: bytes) -> None:
+        if self._closed:
+            raise BackendUnavailable("redis cluster: queue closed")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((channel, payload, done))
+        self._wakeup.set()
+        await done
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        batch: list[_Publish] = []
+        try:
+            while True:
+                await self._wakeup.wait()
+                batch = self._pending[:_MAX_BATCH]
+                del self._pending[:_MAX_BATCH]
+                if not self._pending:
+                    self._wakeup.clear()
+                await self._send(batch)
+        finally:
+            self._closed = True
+            _fail(batch + self._pending, "queue closed")
+
+    async def _send(self, batch: list[_Publish]) -> None:
+        # A caller cancelled before its turn has given up: do not publish behind its back.
+        batch = [entry for entry in batch if not entry[2].done()]
+        if not batch:
+            return
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                pipe = self._cluster.pipeline(transaction=False)
+                for channel, payload, _ in batch:
+                    pipe.execute_command("SPUBLISH", channel, payload)
+                results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # a connection broken mid-pipeline raises more than RedisError
+            _fail(batch, describe(exc))
+            return
+        for (_, _, done), result in zip(batch, results, strict=True):
+            if done.done():
+                continue
+            if isinstance(result, Exception):
+                done.set_exception(BackendUnavailable(f"redis cluster: {describe(result)}"))
+            else:
+                done.set_result(None)
+
+
+def _fail(entries: list[_Publish], reason: str) -> None:
+    for _, _, done in entries:
+        if not done.done():
+            done.set_exception(BackendUnavailable(f"redis cluster: {reason}"))
