@@ -5,12 +5,13 @@ the cluster, from which redis-py's cluster client discovers the others and the s
 
 Each room is the sharded channel `<prefix>room:<room_id>`, which lives on the master
 that owns its slot. Publishing is SPUBLISH through the cluster client, which follows
-MOVED/ASK, in one lane per master (redis_cluster_shard.PublishLane). Subscribing is ours, not redis-py's ClusterPubSub: that one polls its
-per-node connections and hides when a subscription is confirmed, lost or back, which
-the port promises to tell. So the instance keeps one sharded pub/sub connection per
-master that owns a room it serves (redis_cluster_shard), each with a canary on a slot
-of that master, and re-maps a room to its slot's new master when a shard is lost
-(failover), refuses a subscription (MOVED) or drops one (a slot migrated away).
+MOVED/ASK, in one lane per master (redis_cluster_shard.PublishLane). Subscribing is
+ours, not redis-py's ClusterPubSub: that one polls its per-node connections and hides
+when a subscription is confirmed, lost or back, which the port promises to tell. So
+the instance keeps one sharded pub/sub connection per master that owns a room it
+serves (redis_cluster_shard.Shard), each with a canary on a slot of that master, and
+re-maps a room to its slot's new master when a shard is lost (failover), refuses a
+subscription (MOVED) or drops one (a slot migrated away).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from sharechat.redis_queue import _describe as describe
 
 log = logging.getLogger(__name__)
 
+_CANARY_TAGS = 1 << 16  # hash tags tried for a canary (a few do, unless the prefix has a tag)
 _STALL_INTERVALS = 3  # canary intervals without any reply, once Redis took a canary
-_CANARY_TAGS = 1_000_000  # hash tags tried for a canary on a master's slots
 
 
 @contextlib.asynccontextmanager
@@ -234,12 +235,17 @@ class _Shards:
     # What the shards report (the ShardOwner protocol).
 
     def canary_for(self, node: ClusterNode) -> bytes:
+        slots = self._cluster.nodes_manager.slots_cache
+        owned = {slot for slot, nodes in slots.items() if nodes and nodes[0].name == node.name}
+        if not owned:
+            raise Moved(f"{node.name} owns no slot")
+        # A hash tag puts the channel in the slot of the tag alone (unless the prefix has
+        # one of its own): the first tag that lands on one of the master's slots will do.
         for tag in range(_CANARY_TAGS):
             channel = self._canary_prefix + b"{%d}" % tag
-            owner = self._owner(channel)
-            if owner is not None and owner.name == node.name:
+            if key_slot(channel) in owned:
                 return channel
-        raise Moved(f"{node.name} owns no slot")
+        raise Moved(f"no canary channel lands on {node.name}")
 
     def deliver(self, room_id: UUID, payload: bytes) -> None:
         try:
@@ -302,7 +308,7 @@ class _Shards:
         except Moved:
             self.moved(shard, [channel])
         except BackendUnavailable:
-            pass  # the shard is down: it resubscribes its channels once it is back
+            shard.owes_recovery = True  # down: it resubscribes, and says so, once it is back
 
     async def _close_demoted(self) -> None:
         """Close the shards of nodes that are no longer masters (failed, or replicas now)."""

@@ -88,6 +88,9 @@ class Shard:
         self.canary: bytes | None = None
         self.down_reason: str | None = "not connected yet"
         self._subscribed_once = False
+        # Set by the owner when rooms moved here could not be confirmed: the first
+        # session must then say "back" too, or their gap would go unrepaired.
+        self.owes_recovery = False
         self._warned = False
         self._tasks = [
             asyncio.create_task(self._run(), name=f"redis-cluster-shard-{node.name}"),
@@ -266,9 +269,10 @@ class Shard:
         if self._warned:
             self._warned = False
             log.info("redis cluster shard %s back: %d rooms", self.name, len(self.channels))
-        if self._subscribed_once:
+        if self._subscribed_once or self.owes_recovery:
             self._owner.back(self)
         self._subscribed_once = True
+        self.owes_recovery = False
 
     def _lost(self, reason: str) -> None:
         if not self._warned:
