@@ -25,7 +25,7 @@ from uuid import UUID
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from sharechat.domain import BackendUnavailable
 from sharechat.ports import Deliver, no_listener
@@ -110,7 +110,7 @@ class RedisClusterQueue:
                 await self._cluster.execute_command("PING", target_nodes=node)
         except TimeoutError:
             return node, "ping timed out"
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             return node, describe(exc)
         return node, None
 
@@ -178,7 +178,7 @@ class _Shards:
                     self._mapped = True
         except TimeoutError:
             raise BackendUnavailable("redis cluster: slot map timed out") from None
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise BackendUnavailable(f"redis cluster: {describe(exc)}") from exc
 
     async def subscribe(self, channel: bytes, room_id: UUID) -> None:
@@ -275,19 +275,22 @@ class _Shards:
             await self._remap.wait()
             self._remap.clear()
             try:
-                await self.refresh()
+                await self._remap_once()
             except BackendUnavailable as exc:
+                # The shard that asked asks again on its next failed reconnect.
                 log.warning("re-mapping the cluster failed: %s", exc)
-                continue  # the shard that asked asks again on its next failed reconnect
-            moved = self._rehome()
-            await self._close_demoted()
-            if moved:
-                await asyncio.gather(
-                    *(self._resubscribe(channel, claim) for channel, claim in moved)
-                )
-                # Whatever was published to a room between losing its old subscription
-                # and this one is gone for us: the consumer fetches it from elsewhere.
-                self._recover()
+            except Exception:  # a bug here must not stop every later re-mapping
+                log.exception("re-mapping the cluster failed")
+
+    async def _remap_once(self) -> None:
+        await self.refresh()
+        moved = self._rehome()
+        await self._close_demoted()
+        if moved:
+            await asyncio.gather(*(self._resubscribe(channel, claim) for channel, claim in moved))
+            # Whatever was published to a room between losing its old subscription and
+            # this one is gone for us: the consumer fetches it from elsewhere.
+            self._recover()
 
     def _rehome(self) -> list[tuple[bytes, _Claim]]:
         moved = []

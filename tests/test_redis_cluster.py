@@ -325,6 +325,21 @@ async def test_a_dead_master_is_reported_and_its_replica_takes_over(
         assert await delivered(room, b"everywhere")
 
 
+async def test_publish_and_subscribe_raise_when_the_cluster_is_gone(
+    own_cluster: RedisCluster, open_queue: OpenQueue
+) -> None:
+    queue, _ = await open_queue(own_cluster)
+    room = uuid4()
+    await call(queue.subscribe(room))
+    own_cluster.stop()
+    with pytest.raises(BackendUnavailable):
+        await call(queue.publish(room, b"nobody can take this"))
+    with pytest.raises(BackendUnavailable):
+        await call(queue.subscribe(uuid4()))
+    with pytest.raises(BackendUnavailable, match=r"127\.0\.0\.1"):
+        await call(queue.ping())
+
+
 async def answers(queue: RedisClusterQueue) -> bool:
     try:
         await call(queue.ping())
