@@ -33,8 +33,9 @@ from sharechat.redis_queue import _utf8 as utf8
 
 log = logging.getLogger(__name__)
 
-# Seconds for a connect, a write and a subscribe confirmation; as in redis_queue, our own
-# asyncio.timeout()s rather than redis-py's socket_timeout (see there why).
+# Seconds for a connect, a write, a pipeline and a subscribe confirmation. Our own
+# asyncio.timeout()s, not redis-py's socket_timeout: that one wraps each write in
+# asyncio.wait_for(), which on Python 3.11 can swallow a task's cancellation.
 TIMEOUT = 1.5
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
@@ -138,7 +139,8 @@ class Shard:
         self._outbox_ready.set()
 
     async def _write(self) -> None:
-        """Send queued commands in order; only this task writes (see redis_queue._Subscriber)."""
+        """Send queued commands in order. Callers never write themselves: redis-py drops a
+        connection whose write is cancelled, and this one carries every room of the shard."""
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
