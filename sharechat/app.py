@@ -60,9 +60,11 @@ async def _say_goodbye(app: web.Application) -> None:
 
 def describe_backends(config: Config) -> str:
     repository = "PostgreSQL" if config.database_url else "in-memory repository"
-    queue = "Redis" if config.redis_url else "in-process queue"
-    if config.redis_cluster:
-        queue = "Redis Cluster"
+    queue = "in-process queue"
+    if config.redis_url:
+        queue = "Redis Cluster" if config.redis_cluster else "Redis"
+        if config.redis_url.startswith("rediss"):
+            queue += " over TLS"
     return f"{repository}, {queue}"
 
 
@@ -83,6 +85,7 @@ async def open_repository(config: Config) -> AsyncIterator[Repository]:
         pool_max=config.db_pool_size,
         timeout=config.backend_timeout,
         room_max_messages=config.room_max_messages,
+        prepared_statements=config.db_prepared_statements,
     ) as repository:
         yield repository
 
@@ -98,6 +101,10 @@ async def open_queue(config: Config, instance_id: UUID) -> AsyncIterator[Queue]:
     # One module per backend, picked by the URL's scheme (as broadcaster does).
     opener = open_redis_cluster_queue if config.redis_cluster else open_redis_queue
     async with opener(
-        config.redis_url, prefix=config.redis_prefix, instance_id=instance_id
+        config.redis_url,
+        prefix=config.redis_prefix,
+        instance_id=instance_id,
+        ssl_ca_certs=config.redis_ssl_ca_certs,
+        ssl_cert_reqs=config.redis_ssl_cert_reqs,
     ) as queue:
         yield queue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,11 @@ class Config:
     database_url: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "sharechat:"
+    # For rediss:// only; None: as the URL says (verified against the system's CAs by default).
+    redis_ssl_ca_certs: str | None = None
+    redis_ssl_cert_reqs: str | None = None  # none | optional | required
     db_pool_size: int = 10
+    db_prepared_statements: bool = True  # off behind PgBouncer in transaction mode
     backend_timeout: float = 5.0
     instance_lease: float = 6.0  # a dead instance's members are reaped within this + lease/3
 
@@ -129,8 +134,31 @@ def _url(*schemes: str) -> Callable[[str], str | None]:
     return parse
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be on or off (true/false, yes/no, 1/0)")
+
+
 def _text(text: str) -> str:
     return text
+
+
+def _readable_file(text: str) -> str:
+    if not os.access(text, os.R_OK) or not os.path.isfile(text):
+        raise ValueError("no such readable file")
+    return text
+
+
+def _cert_reqs(text: str) -> str:
+    """redis-py's and Heroku's `ssl_cert_reqs` values."""
+    value = text.lower()
+    if value not in ("none", "optional", "required"):
+        raise ValueError("must be one of none, optional, required")
+    return value
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,7 @@ class _Setting:
     env: str
     parse: Callable[[str], Any]
     help: str
+    preferred_env: str | None = None  # read before `env` when set and not empty
 
 
 _SETTINGS = (
@@ -234,15 +263,28 @@ _SETTINGS = (
         "redis_url", "--redis-url", "REDIS_URL",
         _url("redis", "rediss", "redis+cluster", "rediss+cluster"),
         "Redis URL, redis+cluster://one-node:port for a Redis Cluster "
-        "(default: in-process queue; needs a database)",
+        "(default: in-process queue; needs a database)", "REDIS_TLS_URL",
     ),
     _Setting(
         "redis_prefix", "--redis-prefix", "SHARECHAT_REDIS_PREFIX", _text,
         "prefix of the Redis channels",
     ),
     _Setting(
+        "redis_ssl_ca_certs", "--redis-ssl-ca-certs", "REDIS_SSL_CA_CERTS", _readable_file,
+        "CA certificate (PEM file) that a rediss:// server's certificate must chain to",
+    ),
+    _Setting(
+        "redis_ssl_cert_reqs", "--redis-ssl-cert-reqs", "REDIS_SSL_CERT_REQS", _cert_reqs,
+        "verify a rediss:// server's certificate: none, optional or required",
+    ),
+    _Setting(
         "db_pool_size", "--db-pool-size", "SHARECHAT_DB_POOL_SIZE", _positive_int,
         "PostgreSQL connections per instance",
+    ),
+    _Setting(
+        "db_prepared_statements", "--db-prepared-statements", "SHARECHAT_DB_PREPARED_STATEMENTS",
+        _boolean, "prepare the hot statements on each PostgreSQL connection (off behind "
+        "PgBouncer in transaction mode)",
     ),
     _Setting(
         "backend_timeout", "--backend-timeout", "SHARECHAT_BACKEND_TIMEOUT", _positive_seconds,
@@ -275,6 +317,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         if isinstance(raw, list):
             raw = ",".join(raw)
         source = setting.flag
+        if raw is None and setting.preferred_env and environ.get(setting.preferred_env):
+            raw, source = environ[setting.preferred_env], setting.preferred_env
         if raw is None:
             raw, source = environ.get(setting.env), setting.env
         if raw is None:
@@ -289,7 +333,23 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
             "REDIS_URL is set but DATABASE_URL is not: several instances need a shared "
             "database, set DATABASE_URL too (or unset REDIS_URL for one instance)"
         )
+    _check_redis_tls(config)
     return config
+
+
+def _check_redis_tls(config: Config) -> None:
+    """A TLS setting beside a plain URL means TLS was expected and is not on."""
+    if urlsplit(config.redis_url or "").scheme in ("rediss", "rediss+cluster"):
+        return
+    for name, value in (
+        ("REDIS_SSL_CA_CERTS", config.redis_ssl_ca_certs),
+        ("REDIS_SSL_CERT_REQS", config.redis_ssl_cert_reqs),
+    ):
+        if value is not None:
+            raise ConfigError(
+                f"{name} applies to a rediss:// URL, and the Redis URL is not one "
+                "(set REDIS_TLS_URL or a rediss:// REDIS_URL)"
+            )
 
 
 def from_argv(argv: Sequence[str], environ: Mapping[str, str]) -> Config:

@@ -30,7 +30,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from sharechat.domain import BackendUnavailable
 from sharechat.ports import Deliver, no_listener
 from sharechat.redis_cluster_shard import TIMEOUT, Moved, PublishLane, Shard
-from sharechat.redis_queue import _describe as describe
+from sharechat.redis_wire import describe
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,23 @@ async def open_redis_cluster_queue(
     prefix: str = "sharechat:",
     instance_id: UUID,
     canary_interval: float = 2.0,
+    ssl_ca_certs: str | None = None,
+    ssl_cert_reqs: str | None = None,
 ) -> AsyncIterator[RedisClusterQueue]:
     """Discover the cluster, then publish and listen; on exit close every connection.
 
     If no node answers yet, the queue is yielded anyway: ping() reports it, and the
     slot map is fetched again on the next subscribe.
     """
+    # The TLS settings, when given, win over the URL's query (as for one Redis).
+    tls = {"ssl_ca_certs": ssl_ca_certs, "ssl_cert_reqs": ssl_cert_reqs}
     cluster = RedisCluster.from_url(
         url.replace("+cluster://", "://", 1),
         protocol=2,
         socket_connect_timeout=TIMEOUT,
         socket_keepalive=True,
         require_full_coverage=False,  # a failed shard must not stop the others
+        **{name: value for name, value in tls.items() if value is not None},
     )
     shards = _Shards(cluster, f"{prefix}instance:{instance_id}:".encode(), canary_interval)
     publisher = _Publisher(cluster)

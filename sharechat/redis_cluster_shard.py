@@ -28,8 +28,8 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError, ResponseError
 
 from sharechat.domain import BackendUnavailable
-from sharechat.redis_queue import _describe as describe
 from sharechat.redis_queue import _utf8 as utf8
+from sharechat.redis_wire import describe
 
 log = logging.getLogger(__name__)
 
