@@ -189,6 +189,15 @@ class _Shards:
     async def subscribe(self, channel: bytes, room_id: UUID) -> None:
         claim = _Claim(room_id)
         self._rooms[channel] = claim
+        try:
+            await self._confirm(channel, room_id)
+        except BaseException:
+            # Raising means "not subscribed", unless a later subscribe() took the channel over.
+            if self._rooms.get(channel) is claim:
+                self.unsubscribe(channel)
+            raise
+
+    async def _confirm(self, channel: bytes, room_id: UUID) -> None:
         shard: Shard | None = None
         try:
             async with asyncio.timeout(TIMEOUT):
@@ -201,11 +210,6 @@ class _Shards:
         except TimeoutError:
             reason = (shard and shard.down_reason) or "subscribe not confirmed"
             raise BackendUnavailable(f"redis cluster: {reason}") from None
-        except BaseException:
-            # Raising means "not subscribed", unless a later subscribe() took the channel over.
-            if self._rooms.get(channel) is claim:
-                self.unsubscribe(channel)
-            raise
 
     def unsubscribe(self, channel: bytes) -> None:
         self._rooms.pop(channel, None)
@@ -283,7 +287,7 @@ class _Shards:
                 await self._remap_once()
             except BackendUnavailable as exc:
                 # The shard that asked asks again on its next failed reconnect.
-                log.warning("re-mapping the cluster failed: %s", exc)
+                log.debug("re-mapping the cluster failed: %s", exc)
             except Exception:  # a bug here must not stop every later re-mapping
                 log.exception("re-mapping the cluster failed")
 

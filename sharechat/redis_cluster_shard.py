@@ -20,12 +20,13 @@ import math
 import random
 from collections import Counter, defaultdict, deque
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sharechat.domain import BackendUnavailable
 from sharechat.redis_queue import _utf8 as utf8
@@ -92,6 +93,7 @@ class Shard:
         # Set by the owner when rooms moved here could not be confirmed: the first
         # session must then say "back" too, or their gap would go unrepaired.
         self.owes_recovery = False
+        self._resubscribing = False
         self._warned = False
         self._tasks = [
             asyncio.create_task(self._run(), name=f"redis-cluster-shard-{node.name}"),
@@ -183,6 +185,7 @@ class Shard:
             self._unsubscribing.clear()
             self._conn = conn
             rooms = list(self.channels)
+            self._resubscribing = bool(rooms)
             for channel in rooms:
                 self._send(b"SSUBSCRIBE", channel)
             # The canary goes last: its confirmation means every room before it is answered.
@@ -228,8 +231,10 @@ class Shard:
 
     def _refused(self, error: ResponseError) -> None:
         command, channel = self._answered() or (b"", b"")
-        if command != b"SSUBSCRIBE" or channel == self.canary:
-            raise error  # not a room's subscription: start over, after the owner re-maps
+        if command != b"SSUBSCRIBE" or channel == self.canary or not isinstance(error, AskError):
+            # Not a room that lives elsewhere (the canary's slot moved, CLUSTERDOWN while
+            # the cluster forms again...): start over, after the owner re-maps.
+            raise error
         waiters = self._waiters.pop(channel, deque())
         for confirmed in waiters:
             if not confirmed.done():
@@ -271,7 +276,8 @@ class Shard:
         if self._warned:
             self._warned = False
             log.info("redis cluster shard %s back: %d rooms", self.name, len(self.channels))
-        if self._subscribed_once or self.owes_recovery:
+        # Back with no room to resubscribe, the shard has no gap to repair.
+        if self._resubscribing and (self._subscribed_once or self.owes_recovery):
             self._owner.back(self)
         self._subscribed_once = True
         self.owes_recovery = False
@@ -346,10 +352,15 @@ class PublishLane:
             return
         try:
             async with asyncio.timeout(TIMEOUT):
-                pipe = self._cluster.pipeline(transaction=False)
-                for channel, payload, _ in batch:
-                    pipe.execute_command("SPUBLISH", channel, payload)
-                results = await pipe.execute(raise_on_error=False)
+                results = await self._pipeline(batch)
+                # Most likely a pooled connection the master closed meanwhile (it
+                # restarted): once more, on a new one. Should the first have reached
+                # Redis after all, receivers drop the repeat by the message's number.
+                lost = [n for n, result in enumerate(results) if _connection_lost(result)]
+                if lost:
+                    again = await self._pipeline([batch[n] for n in lost])
+                    for n, result in zip(lost, again, strict=True):
+                        results[n] = result
         except Exception as exc:  # a connection broken mid-pipeline raises more than RedisError
             _fail(batch, describe(exc))
             return
@@ -360,6 +371,17 @@ class PublishLane:
                 done.set_exception(BackendUnavailable(f"redis cluster: {describe(result)}"))
             else:
                 done.set_result(None)
+
+
+    async def _pipeline(self, batch: list[_Publish]) -> list[Any]:
+        pipe = self._cluster.pipeline(transaction=False)
+        for channel, payload, _ in batch:
+            pipe.execute_command("SPUBLISH", channel, payload)
+        return await pipe.execute(raise_on_error=False)
+
+
+def _connection_lost(result: object) -> bool:
+    return isinstance(result, RedisConnectionError)
 
 
 def _fail(entries: list[_Publish], reason: str) -> None:

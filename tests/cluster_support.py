@@ -106,6 +106,13 @@ class RedisCluster:
         for node in self._nodes:
             node.kill()
 
+    def restart(self) -> None:
+        """Start every node again (stop() first), on the same ports with the same
+        cluster configuration; return once the cluster is formed again."""
+        for node in self._nodes:
+            node.start()
+        _wait(self._formed, time.monotonic() + STARTUP, "the cluster to form again")
+
     def master_port(self, channel: bytes | str) -> int:
         """The port of the master that owns the channel's slot now."""
         return self._owner(key_slot(channel.encode() if isinstance(channel, str) else channel))
