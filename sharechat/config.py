@@ -53,6 +53,12 @@ class Config:
     backend_timeout: float = 5.0
     instance_lease: float = 6.0  # a dead instance's members are reaped within this + lease/3
 
+    @property
+    def redis_cluster(self) -> bool:
+        """A redis+cluster:// (or rediss+cluster://) URL picks the Redis Cluster queue: one
+        setting says both where the queue is and what it is, as broadcaster's URLs do."""
+        return self.redis_url is not None and urlsplit(self.redis_url).scheme.endswith("+cluster")
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -254,8 +260,10 @@ _SETTINGS = (
         "PostgreSQL URL (default: in-memory repository)",
     ),
     _Setting(
-        "redis_url", "--redis-url", "REDIS_URL", _url("redis", "rediss"),
-        "Redis URL (default: in-process queue; needs a database)", "REDIS_TLS_URL",
+        "redis_url", "--redis-url", "REDIS_URL",
+        _url("redis", "rediss", "redis+cluster", "rediss+cluster"),
+        "Redis URL, redis+cluster://one-node:port for a Redis Cluster "
+        "(default: in-process queue; needs a database)", "REDIS_TLS_URL",
     ),
     _Setting(
         "redis_prefix", "--redis-prefix", "SHARECHAT_REDIS_PREFIX", _text,
@@ -331,7 +339,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
 
 def _check_redis_tls(config: Config) -> None:
     """A TLS setting beside a plain URL means TLS was expected and is not on."""
-    if urlsplit(config.redis_url or "").scheme == "rediss":
+    if urlsplit(config.redis_url or "").scheme in ("rediss", "rediss+cluster"):
         return
     for name, value in (
         ("REDIS_SSL_CA_CERTS", config.redis_ssl_ca_certs),
