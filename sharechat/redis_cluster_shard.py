@@ -29,8 +29,7 @@ from redis.exceptions import AskError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sharechat.domain import BackendUnavailable
-from sharechat.redis_queue import _utf8 as utf8
-from sharechat.redis_wire import describe
+from sharechat.redis_wire import as_utf8, describe
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +221,7 @@ class Shard:
             if kind == b"smessage":
                 room_id = self.channels.get(channel)
                 if room_id is not None:  # else the canary, or a room unsubscribed a moment ago
-                    self._owner.deliver(room_id, utf8(reply[2]))
+                    self._owner.deliver(room_id, as_utf8(reply[2]))
             elif kind == b"ssubscribe":
                 self._answered()
                 self._confirmed(channel)

@@ -33,6 +33,7 @@ from sharechat.redis_wire import (
     TIMEOUT,
     PublishPipeline,
     PubSubConnection,
+    as_utf8,
     connection_pool,
     describe,
 )
@@ -257,7 +258,7 @@ class _Subscriber:
                 claim = self._rooms.get(channel)
                 if claim is None:
                     continue  # the canary, or a room unsubscribed a moment ago
-                self._hand_over(claim.room_id, _utf8(reply[2]))
+                self._hand_over(claim.room_id, as_utf8(reply[2]))
             elif kind == b"subscribe":
                 self._confirmed(channel)
                 if channel == self._canary_channel:
@@ -331,12 +332,3 @@ class _Stalled(Exception):
 def _nothing() -> None:
     """The recovery callback of a queue nobody listens to."""
 
-
-def _utf8(payload: bytes) -> bytes:
-    """Members get payloads as text frames: a foreign, non-UTF-8 one is repaired, not
-    passed on, as a browser fails the whole connection on invalid UTF-8."""
-    try:
-        payload.decode()
-    except UnicodeDecodeError:
-        return payload.decode(errors="replace").encode()
-    return payload

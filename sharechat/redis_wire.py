@@ -239,3 +239,13 @@ def describe(exc: BaseException) -> str:
         return "timed out"
     text = str(exc).rstrip(".") or type(exc).__name__
     return text[:1].lower() + text[1:]
+
+
+def as_utf8(payload: bytes) -> bytes:
+    """Members get payloads as text frames: a foreign, non-UTF-8 one is repaired, not
+    passed on, as a browser fails the whole connection on invalid UTF-8."""
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        return payload.decode(errors="replace").encode()
+    return payload
