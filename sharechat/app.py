@@ -10,6 +10,7 @@ from uuid import UUID, uuid4
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from sharechat import metrics as monitoring
 from sharechat import proxies
 from sharechat import web as routes
 from sharechat.budgets import Budgets
@@ -18,9 +19,11 @@ from sharechat.controller import Controller
 from sharechat.memory import MemoryQueue, MemoryRepository
 from sharechat.ports import Queue, Repository
 from sharechat.refusals import RefusalLog
+from sharechat.startup import StartupDeadline, listening
 
 log = logging.getLogger(__name__)
 
+POSTGRES_PORT = 5432
 SHUTDOWN_GRACE = 5.0  # seconds members get to leave cleanly on shutdown
 
 
@@ -36,20 +39,27 @@ def create_app(config: Config, instance_id: UUID | None = None) -> web.Applicati
     app[routes.REFUSALS] = refusals
     app[routes.BUDGETS] = Budgets(config, refusals)
     instance = instance_id or uuid4()
+    metrics = app[monitoring.METRICS] = monitoring.Metrics()
+
+    async def watch_event_loop(app: web.Application) -> AsyncIterator[None]:
+        async with metrics.watching_event_loop():
+            yield
 
     async def chat(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            repository = await stack.enter_async_context(open_repository(config))
-            queue = await stack.enter_async_context(open_queue(config, instance))
+            startup = StartupDeadline(config.startup_timeout)
+            repository = await stack.enter_async_context(open_repository(config, startup))
+            queue = await stack.enter_async_context(open_queue(config, instance, startup))
             controller = Controller(repository, queue, config, instance, refusals)
             await stack.enter_async_context(controller.running())
             app[routes.CONTROLLER] = controller
             log.info("instance %s ready: %s", instance, describe_backends(config))
             yield
 
-    app.cleanup_ctx.append(chat)
+    app.cleanup_ctx.extend((watch_event_loop, chat))
     app.on_shutdown.append(_say_goodbye)
     routes.setup_routes(app)
+    monitoring.add_route(app, config.metrics_port, config.metrics_allow_ips)
     return app
 
 
@@ -65,28 +75,40 @@ def describe_backends(config: Config) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_repository(config: Config) -> AsyncIterator[Repository]:
-    if not config.database_url:
+async def open_repository(config: Config, startup: StartupDeadline) -> AsyncIterator[Repository]:
+    """The repository; PostgreSQL migrated (unless --no-migrate) and answering, waited for
+    up to the start-up deadline."""
+    database_url = config.database_url
+    if not database_url:
         yield MemoryRepository(room_max_messages=config.room_max_messages)
         return
     # Imported here so that the embedded mode never needs aiopg.
     from sharechat.migrations import migrate
     from sharechat.postgres import open_postgres_repository
 
-    applied = await migrate(config.database_url)
-    if applied:
-        log.info("migrations applied: %s", ", ".join(applied))
-    async with open_postgres_repository(
-        config.database_url,
-        pool_max=config.db_pool_size,
-        timeout=config.backend_timeout,
-        room_max_messages=config.room_max_messages,
-    ) as repository:
-        yield repository
+    await startup.retry("PostgreSQL", lambda: listening(database_url, POSTGRES_PORT))
+    if not config.no_migrate:
+        applied = await startup.retry("PostgreSQL", lambda: migrate(database_url))
+        if applied:
+            log.info("migrations applied: %s", ", ".join(applied))
+
+    def pool() -> contextlib.AbstractAsyncContextManager[Repository]:
+        return open_postgres_repository(
+            database_url,
+            pool_max=config.db_pool_size,
+            timeout=config.backend_timeout,
+            room_max_messages=config.room_max_messages,
+        )
+
+    async with contextlib.AsyncExitStack() as stack:
+        yield await startup.retry("PostgreSQL", lambda: stack.enter_async_context(pool()))
 
 
 @contextlib.asynccontextmanager
-async def open_queue(config: Config, instance_id: UUID) -> AsyncIterator[Queue]:
+async def open_queue(
+    config: Config, instance_id: UUID, startup: StartupDeadline
+) -> AsyncIterator[Queue]:
+    """The queue, answering pings, waited for up to the start-up deadline."""
     if not config.redis_url:
         yield MemoryQueue()
         return
@@ -95,4 +117,5 @@ async def open_queue(config: Config, instance_id: UUID) -> AsyncIterator[Queue]:
     async with open_redis_queue(
         config.redis_url, prefix=config.redis_prefix, instance_id=instance_id
     ) as queue:
+        await startup.retry("Redis", queue.ping)
         yield queue
