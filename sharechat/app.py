@@ -35,11 +35,12 @@ def create_app(config: Config, instance_id: UUID | None = None) -> web.Applicati
         middlewares.insert(0, proxies.forwarded_headers(config.forwarded_allow_ips))
     app = web.Application(middlewares=middlewares)
     app[routes.CONFIG] = config
-    refusals = RefusalLog()  # one per app: one line a minute per kind, whoever refuses
+    metrics = app[monitoring.METRICS] = monitoring.Metrics()
+    # One per app: one line a minute per kind, whoever refuses, and every one counted.
+    refusals = RefusalLog(count=metrics.refused)
     app[routes.REFUSALS] = refusals
     app[routes.BUDGETS] = Budgets(config, refusals)
     instance = instance_id or uuid4()
-    metrics = app[monitoring.METRICS] = monitoring.Metrics()
 
     async def watch_event_loop(app: web.Application) -> AsyncIterator[None]:
         async with metrics.watching_event_loop():

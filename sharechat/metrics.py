@@ -32,6 +32,7 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SLOW_MEMBER = "too-slow"  # the refusal kind of a member dropped for reading too slowly
 LAG_INTERVAL = 0.5  # seconds between two measurements of the event loop's lag
 
 
@@ -126,6 +127,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+
+    def refused(self, kind: str) -> None:
+        """One refusal of `kind` (a fixed word of the code: "ip-rate", "too-slow", ...)."""
+        self.refusals.labels(kind).inc()
+        if kind == SLOW_MEMBER:
+            self.slow_members_dropped.inc()
 
     def exposition(self, accept: str) -> tuple[bytes, str]:
         """The registry in the format the scraper asked for, and its content type."""

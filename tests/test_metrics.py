@@ -1,0 +1,135 @@
+"""/metrics: who may read it, where, in what format, and what it counts."""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from sharechat.app import create_app
+from sharechat.config import Config
+from tests.helpers import WAIT, eventually, free_port
+from tests.servers import clean_environ, running, serve_command
+
+UUID_LIKE = re.compile(r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}", re.I)
+
+
+def samples(text: str) -> list[Sample]:
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample (0 when the series does not exist yet)."""
+    found = [s.value for s in samples(text) if s.name == name and s.labels == labels]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else 0.0
+
+
+def assert_bounded(found: Iterable[Sample]) -> None:
+    """No label value that grows with use: no ids, no addresses, no free text."""
+    for sample in found:
+        for label, text in sample.labels.items():
+            assert not UUID_LIKE.search(text), (sample.name, label, text)
+            assert not re.search(r"\d+\.\d+\.\d+\.\d+", text), (sample.name, label, text)
+            assert len(text) <= 32, (sample.name, label, text)
+
+
+async def scrape(client: TestClient[Any, Any]) -> str:
+    response = await client.get("/metrics")
+    assert response.status == 200, await response.text()
+    assert response.content_type == "text/plain"
+    return await response.text()
+
+
+async def test_metrics_parse_and_follow_the_conventions(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(Config(host="127.0.0.1", port=0)))
+    text = await scrape(client)
+    families = list(text_string_to_metric_families(text))
+    ours = [f for f in families if f.name.startswith("sharechat_")]
+    assert {f.name for f in ours} >= {
+        "sharechat_websockets_open",
+        "sharechat_rooms_live",
+        "sharechat_members_joined",
+        "sharechat_messages_delivered",
+        "sharechat_refusals",
+        "sharechat_repository_seconds",
+        "sharechat_event_loop_lag_seconds",
+    }
+    for family in families:
+        assert family.name.startswith(("sharechat_", "process_")), family.name
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+        if family.type == "histogram" and family.name.startswith("sharechat_"):
+            assert family.name.endswith(("_seconds", "_size")), family.name
+    assert_bounded(samples(text))
+
+
+async def test_event_loop_lag_is_measured(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(Config(host="127.0.0.1", port=0)))
+
+    async def measured() -> bool:
+        return value(await scrape(client), "sharechat_event_loop_lag_seconds_count") >= 2
+
+    await eventually(measured, wait=WAIT)
+
+
+async def test_each_app_counts_for_itself(aiohttp_client: Any) -> None:
+    """A registry per app: two apps in one process (as in these tests) never mix counts."""
+    busy = await aiohttp_client(create_app(Config(host="127.0.0.1", port=0)))
+    idle = await aiohttp_client(create_app(Config(host="127.0.0.1", port=0)))
+    room = (await (await busy.post("/api/room")).json())["roomId"]
+    response = await busy.get(f"/api/serve/{room}", headers={"Origin": "https://x.example"})
+    assert response.status == 403
+    refused = "sharechat_refusals_total"
+    assert value(await scrape(busy), refused, kind="origin") == 1
+    assert value(await scrape(idle), refused, kind="origin") == 0
+
+
+async def test_only_allowed_addresses_may_read_the_main_ports_metrics(aiohttp_client: Any) -> None:
+    config = Config(host="127.0.0.1", port=0, metrics_allow_ips=())
+    nobody = await aiohttp_client(create_app(config))
+    response = await nobody.get("/metrics")
+    assert response.status == 404
+    assert (await response.json()) == {"error": "not found"}
+
+
+async def test_behind_a_trusted_proxy_the_client_is_checked_not_the_proxy(
+    aiohttp_client: Any,
+) -> None:
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        forwarded_allow_ips=("127.0.0.1/32",),
+        metrics_allow_ips=("10.0.0.0/8",),
+    )
+    client = await aiohttp_client(create_app(config))
+    outside = await client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert outside.status == 404
+    inside = await client.get("/metrics", headers={"X-Forwarded-For": "10.1.2.3"})
+    assert inside.status == 200
+    # The proxy itself (127.0.0.1) is not in the allow-list: it only forwards.
+    assert (await client.get("/metrics")).status == 404
+
+
+async def test_metrics_port_serves_metrics_there_and_not_on_the_main_port(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    command = serve_command(port, "--metrics-port", str(metrics_port))
+    async with (
+        running(command, port, clean_environ(), tmp_path) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(f"{server.url}/metrics") as response:
+            assert response.status == 404
+        async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            assert response.status == 200
+            text = await response.text()
+        assert value(text, "sharechat_websockets_open") == 0
+        server.signal(signal.SIGTERM)
+        assert await server.wait_exit(WAIT * 2) == 0, server.output()
