@@ -25,6 +25,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client.exposition import choose_encoder
 
@@ -40,6 +41,9 @@ class Metrics:
     """Every metric of one app, registered in its own registry."""
 
     def __init__(self) -> None:
+        # No `_created` series: in the text format each would be one more gauge per
+        # counter and histogram, which nothing here reads. (A switch of the library's.)
+        disable_created_metrics()
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)  # CPU, memory, open file descriptors
         self.websockets_open = Gauge(

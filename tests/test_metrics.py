@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ from sharechat.config import Config
 from tests.helpers import WAIT, eventually, free_port
 from tests.servers import clean_environ, running, serve_command
 
+ROOT = Path(__file__).resolve().parent.parent
 UUID_LIKE = re.compile(r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}", re.I)
 
 
@@ -133,3 +135,19 @@ async def test_metrics_port_serves_metrics_there_and_not_on_the_main_port(tmp_pa
         assert value(text, "sharechat_websockets_open") == 0
         server.signal(signal.SIGTERM)
         assert await server.wait_exit(WAIT * 2) == 0, server.output()
+
+
+async def test_the_dashboard_is_built_on_these_metrics(aiohttp_client: Any) -> None:
+    """Every metric docs/grafana-dashboard.json queries is one /metrics exposes."""
+    client = await aiohttp_client(create_app(Config(host="127.0.0.1", port=0)))
+    exposed = {family.name for family in text_string_to_metric_families(await scrape(client))}
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {
+        re.sub(r"_(total|bucket|count|sum)$", "", name)
+        for expr in expressions
+        for name in re.findall(r"\b(?:sharechat|process)_[a-z_]+", expr)
+    }
+    assert queried <= exposed, queried - exposed
+    ours = {name for name in exposed if name.startswith("sharechat_")}
+    assert ours <= queried, f"not on the dashboard: {ours - queried}"
