@@ -43,7 +43,7 @@ class Metrics:
     def __init__(self) -> None:
         # No `_created` series: in the text format each would be one more gauge per
         # counter and histogram, which nothing here reads. (A switch of the library's.)
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)  # CPU, memory, open file descriptors
         self.websockets_open = Gauge(
