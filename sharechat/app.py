@@ -16,6 +16,7 @@ from sharechat import web as routes
 from sharechat.budgets import Budgets
 from sharechat.config import Config
 from sharechat.controller import Controller
+from sharechat.instrumented import DeliveryClock, measured_queue, measured_repository
 from sharechat.memory import MemoryQueue, MemoryRepository
 from sharechat.ports import Queue, Repository
 from sharechat.refusals import RefusalLog
@@ -39,7 +40,8 @@ def create_app(config: Config, instance_id: UUID | None = None) -> web.Applicati
     # One per app: one line a minute per kind, whoever refuses, and every one counted.
     refusals = RefusalLog(count=metrics.refused)
     app[routes.REFUSALS] = refusals
-    app[routes.BUDGETS] = Budgets(config, refusals)
+    budgets = app[routes.BUDGETS] = Budgets(config, refusals)
+    metrics.websockets_open.set_function(lambda: budgets.open_connections)
     instance = instance_id or uuid4()
 
     async def watch_event_loop(app: web.Application) -> AsyncIterator[None]:
@@ -51,6 +53,9 @@ def create_app(config: Config, instance_id: UUID | None = None) -> web.Applicati
             startup = StartupDeadline(config.startup_timeout)
             repository = await stack.enter_async_context(open_repository(config, startup))
             queue = await stack.enter_async_context(open_queue(config, instance, startup))
+            clock = DeliveryClock(metrics)
+            repository = measured_repository(repository, metrics, clock)
+            queue = measured_queue(queue, metrics, clock)
             controller = Controller(repository, queue, config, instance, refusals)
             await stack.enter_async_context(controller.running())
             app[routes.CONTROLLER] = controller

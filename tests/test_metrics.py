@@ -16,7 +16,8 @@ from prometheus_client.samples import Sample
 
 from sharechat.app import create_app
 from sharechat.config import Config
-from tests.helpers import WAIT, eventually, free_port
+from tests.conftest import Chat
+from tests.helpers import WAIT, eventually, free_port, receive_json, receive_until
 from tests.servers import clean_environ, running, serve_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +152,55 @@ async def test_the_dashboard_is_built_on_these_metrics(aiohttp_client: Any) -> N
     assert queried <= exposed, queried - exposed
     ours = {name for name in exposed if name.startswith("sharechat_")}
     assert ours <= queried, f"not on the dashboard: {ours - queried}"
+
+
+MESSAGES = 7
+
+
+async def test_a_chat_moves_the_counters_by_exactly_its_own_amounts(
+    client: TestClient[Any, Any], chat: Chat
+) -> None:
+    room = await chat.room()
+    before = await scrape(client)
+    alice, _ = await chat.join(room)
+    bob, _ = await chat.join(room)
+    await receive_json(alice)  # bob's joined
+    during = await scrape(client)
+    assert value(during, "sharechat_websockets_open") == 2
+    assert value(during, "sharechat_rooms_live") == 1
+    for number in range(MESSAGES):
+        await alice.send_str(f"message {number}")
+        for ws in (alice, bob):
+            assert (await receive_json(ws))["message"] == f"message {number}"
+    await alice.close()
+    await receive_until(bob, lambda m: m["type"] == "left")
+    await bob.close()
+
+    async def all_left() -> bool:
+        return value(await scrape(client), "sharechat_members_left_total") == 2 + value(
+            before, "sharechat_members_left_total"
+        )
+
+    await eventually(all_left)
+    after = await scrape(client)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("sharechat_members_joined_total") == 2
+    assert moved("sharechat_members_left_total") == 2
+    assert moved("sharechat_messages_stored_total") == MESSAGES
+    # Two joined, the chat, two left: each published once.
+    assert moved("sharechat_messages_published_total") == 2 + MESSAGES + 2
+    # alice: both joined and every message; bob: his joined, every message, alice's left.
+    assert moved("sharechat_messages_delivered_total") == (2 + MESSAGES) + (1 + MESSAGES + 1)
+    assert value(after, "sharechat_websockets_open") == 0
+    assert value(after, "sharechat_rooms_live") == 0
+    assert moved("sharechat_repository_seconds_count", operation="add_message") == MESSAGES
+    assert moved("sharechat_repository_seconds_count", operation="add_member") == 2
+    assert moved("sharechat_queue_publish_seconds_count") == 2 + MESSAGES + 2
+    # Every message stored here came back through the queue while a member was here
+    # (bob's own left comes after the room is gone from this instance).
+    assert moved("sharechat_delivery_seconds_count") >= 2 + MESSAGES
+    assert moved("sharechat_delivery_seconds_sum") > 0
+    assert_bounded(samples(after))
