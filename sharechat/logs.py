@@ -17,6 +17,8 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 from pythonjsonlogger.orjson import OrjsonFormatter
 
+from sharechat.proxies import CLIENT
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 ACCESS_LOGGER = "sharechat.access"
 
@@ -47,15 +49,17 @@ class AccessLog(AbstractAccessLogger):
     """One line a request (a websocket: when it closes), with its parts as fields."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        # Behind a trusted proxy, the client it names (proxies.forwarded_headers).
+        remote = request.get(CLIENT, request.remote)
         self.logger.info(
             "%s %s %r %d %.3fs",
-            request.remote,
+            remote,
             request.method,
             request.path_qs,
             response.status,
             time,
             extra={
-                "remote": request.remote,
+                "remote": remote,
                 "method": request.method,
                 "path": request.path_qs,
                 "status": response.status,

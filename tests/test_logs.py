@@ -108,3 +108,26 @@ async def test_text_logs_stay_text_and_no_access_log_by_default(tmp_path: Path) 
     assert " INFO sharechat serving on http://127.0.0.1" in output
     assert "/api/room" not in output  # no access log
     assert not any(line.startswith("{") for line in output.splitlines())
+
+
+async def test_behind_a_trusted_proxy_the_access_log_and_urls_name_the_client(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    command = serve_command(
+        port, "--log-format", "json", "--access-log", "--forwarded-allow-ips", "127.0.0.1"
+    )
+    headers = {
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "chat.example",
+    }
+    async with running(command, port, clean_environ(), tmp_path) as server:
+        async with aiohttp.ClientSession() as http, http.get(server.url, headers=headers) as got:
+            welcome = await got.text()
+        server.signal(signal.SIGTERM)
+        assert await server.wait_exit(WAIT) == 0
+    assert "websocat wss://chat.example/api/serve/<roomId>" in welcome
+    assert "curl -X POST https://chat.example/api/room" in welcome
+    access = [e for e in json_lines(server.output()) if e["logger"] == "sharechat.access"]
+    assert [(e["path"], e["remote"]) for e in access if e["path"] == "/"] == [("/", "203.0.113.7")]
