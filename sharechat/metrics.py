@@ -33,6 +33,18 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# The `reason` label of a `failed`: the start of the text it is sent with, in the order
+# tried; anything else is "other", so the label's values stay this fixed set.
+FAILURE_REASONS = (
+    ("empty message", "empty"),
+    ("rate limited: too many messages from your address", "ip-rate"),
+    ("rate limited", "member-rate"),
+    ("message too long", "too-long"),
+    ("message contains a NUL", "nul"),
+    ("binary frames", "binary"),
+    ("malformed frame", "malformed"),
+    ("not sent", "not-stored"),
+)
 SLOW_MEMBER = "too-slow"  # the refusal kind of a member dropped for reading too slowly
 LAG_INTERVAL = 0.5  # seconds between two measurements of the event loop's lag
 
@@ -79,6 +91,9 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        # Every reason's series exists from the start, at 0, bound once.
+        reasons = {reason for _, reason in FAILURE_REASONS} | {"other"}
+        self._failed = {reason: self.failed.labels(reason) for reason in reasons}
         self.refusals = Counter(
             "sharechat_refusals",
             "Requests, connections and frames refused by a budget or a bound, by kind",
@@ -131,6 +146,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+
+    def failed_message(self, text: str) -> None:
+        """One `failed` sent to a member, with this text."""
+        for start, reason in FAILURE_REASONS:
+            if text.startswith(start):
+                self._failed[reason].inc()
+                return
+        self._failed["other"].inc()
 
     def refused(self, kind: str) -> None:
         """One refusal of `kind` (a fixed word of the code: "ip-rate", "too-slow", ...)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -149,3 +150,20 @@ async def test_gives_up_after_the_startup_timeout_with_one_line(tmp_path: Path) 
     assert last["message"].startswith("cannot start: PostgreSQL unreachable for 1.5 s")
     assert f"127.0.0.1:{nobody}" in last["message"]
     assert "Connection refused" in last["message"]
+
+
+async def test_migrate_waits_and_gives_up_the_same_way(tmp_path: Path) -> None:
+    nobody = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sharechat", "migrate", "--startup-timeout", "1",
+        env=clean_environ(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{nobody}/x"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,
+    )  # fmt: skip
+    async with asyncio.timeout(WAIT * 3):
+        output, _ = await process.communicate()
+    lines = output.decode().splitlines()
+    assert process.returncode == 1, output
+    assert len(attempt_lines(output.decode(), "PostgreSQL")) == len(lines) - 1 >= 1
+    assert "cannot migrate: PostgreSQL unreachable for 1 s" in lines[-1]
