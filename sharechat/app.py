@@ -44,12 +44,9 @@ def create_app(config: Config, instance_id: UUID | None = None) -> web.Applicati
     metrics.websockets_open.set_function(lambda: budgets.open_connections)
     instance = instance_id or uuid4()
 
-    async def watch_event_loop(app: web.Application) -> AsyncIterator[None]:
-        async with metrics.watching_event_loop():
-            yield
-
     async def chat(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(metrics.watching_event_loop())
             startup = StartupDeadline(config.startup_timeout)
             repository = await stack.enter_async_context(open_repository(config, startup))
             queue = await stack.enter_async_context(open_queue(config, instance, startup))
@@ -62,7 +59,7 @@ def create_app(config: Config, instance_id: UUID | None = None) -> web.Applicati
             log.info("instance %s ready: %s", instance, describe_backends(config))
             yield
 
-    app.cleanup_ctx.extend((watch_event_loop, chat))
+    app.cleanup_ctx.append(chat)
     app.on_shutdown.append(_say_goodbye)
     routes.setup_routes(app)
     monitoring.add_route(app, config.metrics_port, config.metrics_allow_ips)

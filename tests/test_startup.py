@@ -145,7 +145,7 @@ async def test_gives_up_after_the_startup_timeout_with_one_line(tmp_path: Path) 
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     *attempts, last = lines
     assert attempts
-    assert all("PostgreSQL not reachable (attempt" in line["message"] for line in attempts)
+    assert all("PostgreSQL not reachable (attempt" in line["message"] for line in attempts), lines
     assert last["level"] == "ERROR"
     assert last["message"].startswith("cannot start: PostgreSQL unreachable for 1.5 s")
     assert f"127.0.0.1:{nobody}" in last["message"]
