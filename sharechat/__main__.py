@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -121,7 +121,8 @@ async def _run_until_signalled(config: settings.Config, instance: UUID) -> int:
         **access,
     )
     try:
-        await runner.setup()
+        if not await _unless_stopped(runner.setup(), stop):
+            return 0  # a signal while start-up waited for the backends
     except (StartupFailed, MigrationError) as error:
         log.error("cannot start: %s", error)
         return 1
@@ -141,6 +142,20 @@ async def _run_until_signalled(config: settings.Config, instance: UUID) -> int:
         for each in runners:
             await each.cleanup()
     return 0
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run `work` to the end, or cancel it when `stop` is set first; True if it ended."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
+    task.result()
+    return True
 
 
 def _migrate(config: settings.Config) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -167,3 +168,29 @@ async def test_migrate_waits_and_gives_up_the_same_way(tmp_path: Path) -> None:
     assert process.returncode == 1, output
     assert len(attempt_lines(output.decode(), "PostgreSQL")) == len(lines) - 1 >= 1
     assert "cannot migrate: PostgreSQL unreachable for 1 s" in lines[-1]
+
+
+async def test_sigterm_while_waiting_for_a_backend_exits_at_once(tmp_path: Path) -> None:
+    nobody = free_port()
+    log = tmp_path / "server.log"
+    with log.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            *serve_command(free_port()),
+            stdout=sink,
+            stderr=asyncio.subprocess.STDOUT,
+            env=clean_environ(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{nobody}/x"),
+            cwd=tmp_path,
+        )
+    try:
+        async with asyncio.timeout(WAIT * 3):
+            while "not reachable (attempt 1)" not in _text(log):
+                await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert "Traceback" not in _text(log)
+    assert "SIGTERM: shutting down" in _text(log)
