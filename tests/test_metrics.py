@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -18,6 +19,7 @@ from sharechat.app import create_app
 from sharechat.config import Config
 from tests.conftest import Chat
 from tests.helpers import WAIT, eventually, free_port, receive_json, receive_until
+from tests.redis_support import redis_server, unique_prefix
 from tests.servers import clean_environ, running, serve_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +157,7 @@ async def test_the_dashboard_is_built_on_these_metrics(aiohttp_client: Any) -> N
 
 
 MESSAGES = 7
+RECOVERY = 15.0  # seconds for a queue to notice an outage and come back (backoff included)
 
 
 async def test_a_chat_moves_the_counters_by_exactly_its_own_amounts(
@@ -204,3 +207,57 @@ async def test_a_chat_moves_the_counters_by_exactly_its_own_amounts(
     assert moved("sharechat_delivery_seconds_count") >= 2 + MESSAGES
     assert moved("sharechat_delivery_seconds_sum") > 0
     assert_bounded(samples(after))
+
+
+@pytest.mark.services
+async def test_queue_recoveries_are_counted(
+    aiohttp_client: Any, database_url: str, tmp_path: Path
+) -> None:
+    with redis_server(tmp_path) as redis:
+        config = Config(
+            host="127.0.0.1",
+            port=0,
+            database_url=database_url,
+            redis_url=redis.url,
+            redis_prefix=unique_prefix("metrics"),
+        )
+        client = await aiohttp_client(create_app(config))
+        chat = Chat(client)
+        ws, _ = await chat.join(await chat.room())  # a live room: a subscription to lose
+        assert value(await scrape(client), "sharechat_queue_reconnects_total") == 0
+
+        redis.kill()
+        redis.start()
+
+        async def recovered() -> bool:
+            return value(await scrape(client), "sharechat_queue_reconnects_total") == 1
+
+        await eventually(recovered, wait=RECOVERY)
+        await ws.close()
+
+
+async def test_each_failed_is_counted_under_its_reason(start_server: Any) -> None:
+    client = await start_server(max_message_bytes=10, rate_limit=0.001, rate_burst=6)
+    chat = Chat(client)
+    room = await chat.room()
+    ws, _ = await chat.join(room, protocols=("sharechat.v1",))
+    sends = [
+        ('{"text": "hi"}', None),  # stored
+        ('{"text": "far too long for ten bytes"}', "too-long"),
+        ('{"text": "a\\u0000b"}', "nul"),
+        ("not json", "malformed"),
+        ('{"text": "", "ref": "1"}', "empty"),
+        ('{"text": "ok"}', None),  # stored: the 6th text of the burst, empties do not count
+        ('{"text": "over"}', "member-rate"),
+    ]
+    for frame, _ in sends:
+        await ws.send_str(frame)
+    await ws.send_bytes(b"binary")
+    reasons = [reason for _, reason in sends if reason] + ["binary"]
+    answers = [await receive_json(ws) for _ in range(len(sends) + 1)]
+    assert [a["type"] for a in answers].count("failed") == len(reasons), answers
+    text = await scrape(client)
+    for reason in reasons:
+        assert value(text, "sharechat_failed_total", reason=reason) == 1, reason
+    assert value(text, "sharechat_failed_total", reason="other") == 0
+    await ws.close()
