@@ -49,7 +49,7 @@ def create_app(config: Config, instance_id: UUID | None = None) -> web.Applicati
             await stack.enter_async_context(metrics.watching_event_loop())
             startup = StartupDeadline(config.startup_timeout)
             repository = await stack.enter_async_context(open_repository(config, startup))
-            queue = await stack.enter_async_context(open_queue(config, instance, startup))
+            queue = await stack.enter_async_context(open_queue(config, instance))
             clock = DeliveryClock(metrics)
             repository = measured_repository(repository, metrics, clock)
             queue = measured_queue(queue, metrics, clock)
@@ -73,7 +73,9 @@ async def _say_goodbye(app: web.Application) -> None:
 
 def describe_backends(config: Config) -> str:
     repository = "PostgreSQL" if config.database_url else "in-memory repository"
-    queue = "Redis" if config.redis_url else "in-process queue"
+    queue = "in-process queue"
+    if config.redis_url:
+        queue = "Redis over TLS" if config.redis_url.startswith("rediss:") else "Redis"
     return f"{repository}, {queue}"
 
 
@@ -101,6 +103,7 @@ async def open_repository(config: Config, startup: StartupDeadline) -> AsyncIter
             pool_max=config.db_pool_size,
             timeout=config.backend_timeout,
             room_max_messages=config.room_max_messages,
+            prepared_statements=config.db_prepared_statements,
         )
 
     async with contextlib.AsyncExitStack() as stack:
@@ -108,17 +111,19 @@ async def open_repository(config: Config, startup: StartupDeadline) -> AsyncIter
 
 
 @contextlib.asynccontextmanager
-async def open_queue(
-    config: Config, instance_id: UUID, startup: StartupDeadline
-) -> AsyncIterator[Queue]:
-    """The queue, answering pings, waited for up to the start-up deadline."""
+async def open_queue(config: Config, instance_id: UUID) -> AsyncIterator[Queue]:
+    """The queue. Not waited for: the Redis queue connects (and reconnects) by itself,
+    and until it does readiness answers 503 with the reason."""
     if not config.redis_url:
         yield MemoryQueue()
         return
     from sharechat.redis_queue import open_redis_queue
 
     async with open_redis_queue(
-        config.redis_url, prefix=config.redis_prefix, instance_id=instance_id
+        config.redis_url,
+        prefix=config.redis_prefix,
+        instance_id=instance_id,
+        ssl_ca_certs=config.redis_ssl_ca_certs,
+        ssl_cert_reqs=config.redis_ssl_cert_reqs,
     ) as queue:
-        await startup.retry("Redis", queue.ping)
         yield queue

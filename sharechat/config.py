@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,12 +45,16 @@ class Config:
     database_url: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "sharechat:"
+    # For rediss:// only; None: as the URL says (verified against the system's CAs by default).
+    redis_ssl_ca_certs: str | None = None
+    redis_ssl_cert_reqs: str | None = None  # none | optional | required
     db_pool_size: int = 10
+    db_prepared_statements: bool = True  # off behind PgBouncer in transaction mode
     backend_timeout: float = 5.0
     instance_lease: float = 6.0  # a dead instance's members are reaped within this + lease/3
     log_format: str = "text"  # text | json (one object a line)
     access_log: bool = False
-    startup_timeout: float = 60.0  # seconds to keep retrying unreachable backends at start
+    startup_timeout: float = 60.0  # seconds to keep retrying an unreachable PostgreSQL at start
     no_migrate: bool = False  # migrations run elsewhere (`sharechat migrate`, a release phase)
     metrics_port: int = 0  # 0: /metrics on the main port, for metrics_allow_ips only
     metrics_allow_ips: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
@@ -146,8 +151,31 @@ def _url(*schemes: str) -> Callable[[str], str | None]:
     return parse
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be on or off (true/false, yes/no, 1/0)")
+
+
 def _text(text: str) -> str:
     return text
+
+
+def _readable_file(text: str) -> str:
+    if not os.access(text, os.R_OK) or not os.path.isfile(text):
+        raise ValueError("no such readable file")
+    return text
+
+
+def _cert_reqs(text: str) -> str:
+    """redis-py's and Heroku's `ssl_cert_reqs` values."""
+    value = text.lower()
+    if value not in ("none", "optional", "required"):
+        raise ValueError("must be one of none, optional, required")
+    return value
 
 
 @dataclass(frozen=True)
@@ -157,6 +185,7 @@ class _Setting:
     env: str
     parse: Callable[[str], Any]
     help: str
+    preferred_env: str | None = None  # read before `env` when set and not empty
 
 
 _SETTINGS = (
@@ -249,15 +278,28 @@ _SETTINGS = (
     ),
     _Setting(
         "redis_url", "--redis-url", "REDIS_URL", _url("redis", "rediss"),
-        "Redis URL (default: in-process queue; needs a database)",
+        "Redis URL (default: in-process queue; needs a database)", "REDIS_TLS_URL",
     ),
     _Setting(
         "redis_prefix", "--redis-prefix", "SHARECHAT_REDIS_PREFIX", _text,
         "prefix of the Redis channels",
     ),
     _Setting(
+        "redis_ssl_ca_certs", "--redis-ssl-ca-certs", "REDIS_SSL_CA_CERTS", _readable_file,
+        "CA certificate (PEM file) that a rediss:// server's certificate must chain to",
+    ),
+    _Setting(
+        "redis_ssl_cert_reqs", "--redis-ssl-cert-reqs", "REDIS_SSL_CERT_REQS", _cert_reqs,
+        "verify a rediss:// server's certificate: none, optional or required",
+    ),
+    _Setting(
         "db_pool_size", "--db-pool-size", "SHARECHAT_DB_POOL_SIZE", _positive_int,
         "PostgreSQL connections per instance",
+    ),
+    _Setting(
+        "db_prepared_statements", "--db-prepared-statements", "SHARECHAT_DB_PREPARED_STATEMENTS",
+        _boolean, "prepare the hot statements on each PostgreSQL connection (off behind "
+        "PgBouncer in transaction mode)",
     ),
     _Setting(
         "backend_timeout", "--backend-timeout", "SHARECHAT_BACKEND_TIMEOUT", _positive_seconds,
@@ -277,7 +319,7 @@ _SETTINGS = (
     ),
     _Setting(
         "startup_timeout", "--startup-timeout", "SHARECHAT_STARTUP_TIMEOUT", _positive_seconds,
-        "seconds to keep retrying PostgreSQL and Redis at start-up before exiting 1",
+        "seconds to keep retrying PostgreSQL at start-up before exiting 1",
     ),
     _Setting(
         "no_migrate", "--no-migrate", "SHARECHAT_NO_MIGRATE", _switch,
@@ -320,6 +362,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         if isinstance(raw, list):
             raw = ",".join(raw)
         source = setting.flag
+        if raw is None and setting.preferred_env and environ.get(setting.preferred_env):
+            raw, source = environ[setting.preferred_env], setting.preferred_env
         if raw is None:
             raw, source = environ.get(setting.env), setting.env
         if raw is None:
@@ -339,7 +383,23 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
             f"--metrics-port {config.metrics_port} is the main port: pick another one, "
             "or 0 to serve /metrics on the main port"
         )
+    _check_redis_tls(config)
     return config
+
+
+def _check_redis_tls(config: Config) -> None:
+    """A TLS setting beside a plain URL means TLS was expected and is not on."""
+    if urlsplit(config.redis_url or "").scheme == "rediss":
+        return
+    for name, value in (
+        ("REDIS_SSL_CA_CERTS", config.redis_ssl_ca_certs),
+        ("REDIS_SSL_CERT_REQS", config.redis_ssl_cert_reqs),
+    ):
+        if value is not None:
+            raise ConfigError(
+                f"{name} applies to a rediss:// URL, and the Redis URL is not one "
+                "(set REDIS_TLS_URL or a rediss:// REDIS_URL)"
+            )
 
 
 def from_argv(argv: Sequence[str], environ: Mapping[str, str]) -> Config:

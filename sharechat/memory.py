@@ -60,13 +60,17 @@ class _RoomState:
         start = bisect.bisect_right(self.numbers, number, self.head)
         return self.messages[start : start + limit]
 
-    def position(self, message_id: UUID) -> int:
-        """Where the message is in the history (0: the oldest kept)."""
+    def number(self, message_id: UUID) -> int:
         try:
-            number = self.number_of[message_id]
+            return self.number_of[message_id]
         except KeyError:
             raise MessageNotFound(str(message_id)) from None
-        return bisect.bisect_left(self.numbers, number, self.head) - self.head
+
+    def between(self, low: int, high: int) -> tuple[int, int]:
+        """Where the messages numbered between `low` and `high` (both left out) are
+        in the history (0: the oldest kept), as start and end (exclusive)."""
+        start = bisect.bisect_right(self.numbers, low, self.head)
+        return start - self.head, bisect.bisect_left(self.numbers, high, start) - self.head
 
     def history(self, start: int, end: int) -> list[Message]:
         return self.messages[self.head + start : self.head + end]
@@ -106,12 +110,9 @@ class MemoryRepository:
 
     async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
         state = self._state(room_id)
-        if page.after is not None:
-            start, end = state.position(page.after) + 1, state.size
-        else:
-            start = 0
-            end = state.size if page.before is None else state.position(page.before)
-        return state.history(*page.window(start, end))
+        cursor = page.cursor
+        numbers = page.numbers(0 if cursor is None else state.number(cursor))
+        return state.history(*page.window(*state.between(*numbers)))
 
     async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
         state = self._state(room_id)
@@ -131,11 +132,7 @@ class MemoryRepository:
         return self._store(self._state(room_id), member, MessageType.CHAT, text)
 
     async def message_number(self, room_id: UUID, message_id: UUID) -> int:
-        state = self._state(room_id)
-        try:
-            return state.number_of[message_id]
-        except KeyError:
-            raise MessageNotFound(str(message_id)) from None
+        return self._state(room_id).number(message_id)
 
     async def messages_after(self, room_id: UUID, number: int, limit: int) -> list[Message]:
         state = self._rooms.get(room_id)

@@ -38,9 +38,13 @@ def _sql(statement: sa.ClauseElement) -> str:
 
 
 _CREATE_TABLE = _sql(CreateTable(_schema_migrations, if_not_exists=True))
-_LOCK = _sql(sa.select(sa.func.pg_advisory_lock(sa.bindparam("key", type_=sa.BigInteger))))
-_UNLOCK = _sql(sa.select(sa.func.pg_advisory_unlock(sa.bindparam("key", type_=sa.BigInteger))))
+# Held until the transaction ends: nothing outlives a transaction, so a pooler in
+# transaction mode (PgBouncer) may run each one on another server connection.
+_LOCK = _sql(sa.select(sa.func.pg_advisory_xact_lock(sa.bindparam("key", type_=sa.BigInteger))))
 _APPLIED = _sql(sa.select(_schema_migrations.c.name))
+_IS_APPLIED = _sql(
+    sa.select(_schema_migrations.c.name).where(_schema_migrations.c.name == sa.bindparam("name"))
+)
 _RECORD = _sql(
     sa.insert(_schema_migrations).values(name=sa.bindparam("name"), applied=sa.func.now())
 )
@@ -62,8 +66,9 @@ async def migrate(dsn: str, sql_dir: Path | None = None) -> list[str]:
     """Apply the files not applied yet, in name order; return the names applied now.
 
     Each file runs in its own transaction and is recorded in `schema_migrations`
-    in that same transaction. A session advisory lock serialises instances that
-    start together: the second one waits, then finds nothing left to do.
+    in that same transaction, under a transaction-level advisory lock: of
+    instances that start together, one applies the file and the others, once
+    the lock is theirs, find it recorded.
     """
     files = _read_files(sql_dir or default_sql_dir())
     try:
@@ -71,11 +76,7 @@ async def migrate(dsn: str, sql_dir: Path | None = None) -> list[str]:
             aiopg.connect(dsn, timeout=_TIMEOUT, enable_hstore=False) as conn,
             conn.cursor() as cursor,
         ):
-            await cursor.execute(_LOCK, {"key": _LOCK_KEY})
-            try:
-                return await _apply_missing(cursor, files)
-            finally:
-                await cursor.execute(_UNLOCK, {"key": _LOCK_KEY})
+            return await _apply_missing(cursor, files)
     # RuntimeError: on uvloop a refused connection can leave a stale poll handle behind,
     # and the next connect raises it (see postgres._DRIVER_ERRORS).
     except (
@@ -93,22 +94,25 @@ def _read_files(sql_dir: Path) -> list[tuple[str, str]]:
 
 
 async def _apply_missing(cursor: aiopg.Cursor, files: list[tuple[str, str]]) -> list[str]:
-    await cursor.execute(_CREATE_TABLE, {})
-    await cursor.execute(_APPLIED, {})
-    applied = {name for (name,) in await cursor.fetchall()}
-    done = []
-    for name, sql in files:
-        if name not in applied:
-            await _apply(cursor, name, sql)
-            done.append(name)
+    async with cursor.begin():
+        await cursor.execute(_LOCK, {"key": _LOCK_KEY})
+        await cursor.execute(_CREATE_TABLE, {})
+        await cursor.execute(_APPLIED, {})
+        applied = {name for (name,) in await cursor.fetchall()}
+    done = [name for name, sql in files if name not in applied and await _apply(cursor, name, sql)]
     if not done:
         log.info("database schema up to date (%s files)", len(files))
     return done
 
 
-async def _apply(cursor: aiopg.Cursor, name: str, sql: str) -> None:
+async def _apply(cursor: aiopg.Cursor, name: str, sql: str) -> bool:
+    """Apply the file unless another instance did meanwhile; True if it was applied here."""
     try:
         async with cursor.begin():
+            await cursor.execute(_LOCK, {"key": _LOCK_KEY})
+            await cursor.execute(_IS_APPLIED, {"name": name})
+            if await cursor.fetchone() is not None:
+                return False
             # No parameters: the file's text goes to the server untouched, `%` included.
             await cursor.execute(sql)
             await cursor.execute(_RECORD, {"name": name})
@@ -117,6 +121,7 @@ async def _apply(cursor: aiopg.Cursor, name: str, sql: str) -> None:
     except psycopg2.Error as error:
         raise MigrationError(f"{name}: {_reason(error)}") from error
     log.info("applied migration %s", name)
+    return True
 
 
 def _reason(error: BaseException) -> str:

@@ -14,15 +14,17 @@ from uuid import UUID
 from sharechat.domain import Member, Message, Room
 
 MAX_PAGE = 1000  # messages in one history answer, at most
+MAX_NUMBER = 2**63 - 1  # above the number of any message (PostgreSQL's largest bigint)
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A slice of a room's history: the paging rule of every repository.
+    """A slice of a room's history: the paging rules of every repository.
 
-    At most one cursor; results oldest first, never more than MAX_PAGE.
-    No cursor or `before`: the newest `limit` messages of the selection.
-    `after`: the oldest `limit` messages right after the cursor.
+    At most one cursor, a message of the room; results oldest first, never more
+    than MAX_PAGE. A page selects the messages numbered between `numbers()`,
+    then keeps `limit` of them: the newest (no cursor, or `before`), or the
+    oldest (`after`, see `forward`).
     """
 
     before: UUID | None = None
@@ -36,9 +38,22 @@ class Page:
             raise ValueError(f"a page holds 1 to {MAX_PAGE} messages")
 
     @property
+    def cursor(self) -> UUID | None:
+        return self.after if self.after is not None else self.before
+
+    @property
     def forward(self) -> bool:
         """Paging forward (`after`) keeps the oldest of the selection, else the newest."""
         return self.after is not None
+
+    def numbers(self, cursor_number: int) -> tuple[int, int]:
+        """The message numbers the page selects between, both left out, given the
+        number of its cursor (any, for a page without one)."""
+        if self.after is not None:
+            return cursor_number, MAX_NUMBER
+        if self.before is not None:
+            return 0, cursor_number
+        return 0, MAX_NUMBER
 
     def window(self, start: int, end: int) -> tuple[int, int]:
         """The part of the selection `start`..`end` (positions oldest first, end
@@ -49,7 +64,13 @@ class Page:
 
 
 class Repository(Protocol):
-    """Rooms, members and messages. Raises BackendUnavailable when it cannot answer.
+    """Rooms, members and messages.
+
+    Every method may raise BackendUnavailable when the backend does not answer
+    in time (then what it was asked to do may or may not have happened); the
+    other errors a method raises are named in its docstring, and an adapter
+    raises no others. Texts and names handed in are storable: valid Unicode
+    without NUL (the controller refuses other text before it gets here).
 
     A repository is built with `room_max_messages`, the bound on a room's
     history (0: none). Each message stored is numbered one above the room's
@@ -69,17 +90,19 @@ class Repository(Protocol):
         ...
 
     async def list_members(self, room_id: UUID) -> list[Member]:
-        """Every member of the room on every instance; raises RoomNotFound."""
+        """Every member of the room on every instance, in the order they joined;
+        raises RoomNotFound."""
         ...
 
     async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
-        """Raises RoomNotFound, or MessageNotFound for a cursor not in the room."""
+        """The page of the room's history (see Page). Raises RoomNotFound, or
+        MessageNotFound for a cursor that is not a message the room holds."""
         ...
 
     async def message_number(self, room_id: UUID, message_id: UUID) -> int:
         """The number of a message of the room (see Message.number).
 
-        Raises RoomNotFound, or MessageNotFound for a message not in the room.
+        Raises RoomNotFound, or MessageNotFound for a message the room does not hold.
         """
         ...
 
@@ -93,18 +116,22 @@ class Repository(Protocol):
         ...
 
     async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
-        """Store the member and its `joined` message together; return the message."""
+        """Store the member and its `joined` message together; return the message.
+
+        Raises RoomNotFound.
+        """
         ...
 
     async def remove_member(self, room_id: UUID, member: Member) -> Message | None:
         """Delete the member and store its `left` message together; return the message.
 
-        None when the member was already gone (reaped): there is nothing to publish.
+        None when the member or its room was gone already (reaped, deleted): there
+        is nothing to publish.
         """
         ...
 
     async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        """Store a chat message; `sent` is assigned here.
+        """Store a chat message; `sent` is assigned here. Raises RoomNotFound.
 
         Concurrent calls are stored in call order and answered in that order: the
         controller publishes each answer at once, so the room's live order is the
@@ -123,7 +150,9 @@ class Repository(Protocol):
     async def reap_expired_instances(self) -> list[Message]:
         """Remove the members of instances whose lease ran out; return their `left` messages.
 
-        Safe to run on every instance at once: each dead member is reaped once.
+        Safe to run on every instance at once: each dead member is reaped once. A
+        repository that serves one process only reaps nobody: its members live and
+        die with that process.
         """
         ...
 
@@ -140,12 +169,21 @@ def no_listener(room_id: UUID, payload: bytes) -> None:
 
 
 class Queue(Protocol):
-    """Fan-out of published messages to every instance that serves the room."""
+    """Fan-out of published messages to every instance that serves the room.
 
-    async def ping(self) -> None: ...
+    Each queue object is one instance; a room's payloads reach exactly the instances
+    subscribed to it (an in-process queue: only its own subscriptions). Whatever an
+    adapter may raise is BackendUnavailable. tests/test_queue_contract.py holds every
+    adapter to this.
+    """
+
+    async def ping(self) -> None:
+        """Raises BackendUnavailable unless the backend answers and subscriptions deliver."""
+        ...
 
     async def publish(self, room_id: UUID, payload: bytes) -> None:
-        """Deliver in call order (queued before the first await).
+        """Deliver in call order (queued before the first await), to a room with or
+        without subscribers.
 
         Raises BackendUnavailable when the payload may not reach every subscriber;
         after a timeout the backend may still deliver it, late.
@@ -153,10 +191,19 @@ class Queue(Protocol):
         ...
 
     async def subscribe(self, room_id: UUID) -> None:
-        """Return once payloads published to the room from now on will be received."""
+        """Return once payloads published to the room from now on will be received,
+        once each however often the room was subscribed.
+
+        Raises BackendUnavailable if that cannot be confirmed. When it raises or is
+        cancelled, the room is left unsubscribed (unless a later call subscribed it).
+        Calls for one room take effect in call order, even when they overlap: the
+        room ends subscribed if and only if the last call was subscribe().
+        """
         ...
 
-    async def unsubscribe(self, room_id: UUID) -> None: ...
+    async def unsubscribe(self, room_id: UUID) -> None:
+        """Stop delivering the room's payloads here, now and after any recovery."""
+        ...
 
     def on_recovered(self, recovered: Callable[[], None], /) -> None:
         """Call `recovered()` each time the subscription is back after it was lost (the

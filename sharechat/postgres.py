@@ -1,39 +1,23 @@
 """The PostgreSQL repository: the statements of statements.py on an aiopg pool.
 
-Locking, in one sentence: everything that adds or removes a member or stores a
-message first locks its room row (FOR NO KEY UPDATE, several rooms in id order),
-so membership changes of a room never race each other, and a room's message
-numbers are handed out in commit order (a reader paging with `after` can never
-see a gap that a slower transaction fills in later).
-
-Bounding, in another: the statement that stores a room's messages numbers them
-on from the room's newest and deletes those at or below the newest minus
-`room_max_messages` (one index range, only for a room over the bound), so the
-room never holds more once the call returns, whichever instance stored what.
-
-Writing, in one more: joins, leaves and chat messages all queue for one writer
-task (group commit), which applies whatever queued up meanwhile in one
-transaction (lock the rooms, then one statement for all the changes), so a
-burst costs a few commits (fsyncs) and round trips instead of a few per call,
-and a room's messages get their numbers in the order the calls were made.
+Reads, leases and housekeeping are one statement each on a pooled connection.
+Writes (joins, leaves, chat messages) go through a GroupCommit, which applies
+whatever queued up meanwhile in one transaction, with the statements of
+write_statements.py (see storing.Store). Whatever adds or removes a member or
+stores a message first locks its room (statements.locked_rooms).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import enum
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, cast
-from uuid import UUID, uuid4
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, timedelta
+from typing import Any
+from uuid import UUID
 
 import aiopg
-import orjson
 import psycopg2
 
 from sharechat import statements
@@ -46,7 +30,9 @@ from sharechat.domain import (
     Room,
     RoomNotFound,
 )
-from sharechat.ports import Page
+from sharechat.group_commit import GroupCommit, Kind, Write, left
+from sharechat.ports import MAX_NUMBER, Page
+from sharechat.storing import Store, prepare_on
 
 log = logging.getLogger(__name__)
 
@@ -59,310 +45,8 @@ log = logging.getLogger(__name__)
 _DRIVER_ERRORS = (psycopg2.Error, OSError, TimeoutError, RuntimeError)
 
 
-@dataclass(frozen=True, slots=True)
-class _Draft:
-    """A message about to be stored: everything but `sent` and its number."""
-
-    id: UUID
-    room_id: UUID
-    member: Member
-    type: MessageType
-    text: str
-
-    def stored(self, sent: datetime, number: int) -> Message:
-        return Message(
-            id=self.id,
-            room_id=self.room_id,
-            member_id=self.member.id,
-            member_name=self.member.name,
-            type=self.type,
-            message=self.text,
-            sent=sent.astimezone(UTC),
-            number=number,
-        )
-
-
-def _joined(room_id: UUID, member: Member) -> _Draft:
-    return _Draft(uuid4(), room_id, member, MessageType.JOINED, f"{member.name} joined")
-
-
-def _left(room_id: UUID, member: Member) -> _Draft:
-    return _Draft(uuid4(), room_id, member, MessageType.LEFT, f"{member.name} left")
-
-
-async def _store(
-    cursor: aiopg.Cursor, drafts: Sequence[_Draft], keep: int, *, lock: bool
-) -> list[Message]:
-    """Store the drafts in one statement, keeping `keep` messages a room; those whose
-    room is gone are left out. `lock`: lock their rooms first, in the same round trip;
-    else an earlier statement of the transaction has locked them. At most `keep`
-    drafts of one room (see statements._store)."""
-    if not drafts:
-        return []
-    if len(drafts) == 1:
-        (draft,) = drafts
-        await (statements.STORE_MESSAGE if lock else statements.INSERT_MESSAGE).run(
-            cursor,
-            id=str(draft.id),
-            room_id=str(draft.room_id),
-            member_id=str(draft.member.id),
-            member_name=draft.member.name,
-            type=draft.type.value,
-            message=draft.text,
-            keep=keep,
-        )
-    else:
-        await (statements.STORE_MESSAGES if lock else statements.INSERT_MESSAGES).run(
-            cursor,
-            room_ids=[str(room_id) for room_id in {draft.room_id for draft in drafts}],
-            drafts=_drafts_json(drafts),
-            keep=keep,
-        )
-    return _stored(drafts, await cursor.fetchall())
-
-
-def _one_statement_each(drafts: Sequence[_Draft], keep: int) -> list[list[_Draft]]:
-    """The drafts in order, cut where one statement would store over `keep` of a room."""
-    runs: list[list[_Draft]] = [[]]
-    in_room: collections.Counter[UUID] = collections.Counter()
-    for draft in drafts:
-        if in_room[draft.room_id] == keep:
-            runs.append([])
-            in_room.clear()
-        in_room[draft.room_id] += 1
-        runs[-1].append(draft)
-    return runs
-
-
-def _drafts_json(drafts: Sequence[_Draft]) -> str:
-    return orjson.dumps(
-        [
-            {
-                "n": n,
-                "id": draft.id,
-                "room_id": draft.room_id,
-                "member_id": draft.member.id,
-                "member_name": draft.member.name,
-                "type": draft.type.value,
-                "message": draft.text,
-            }
-            for n, draft in enumerate(drafts)
-        ]
-    ).decode()  # a str: psycopg2 would send bytes as bytea
-
-
-def _stored(
-    drafts: Sequence[_Draft], rows: Sequence[tuple[str, datetime, int]]
-) -> list[Message]:
-    """The drafts that `rows` (id as text, sent, number) say were stored, as messages."""
-    by_id = {message_id: (sent, number) for message_id, sent, number in rows}
-    stored = []
-    for draft in drafts:
-        row = by_id.get(str(draft.id))
-        if row is not None:
-            stored.append(draft.stored(*row))
-    return stored
-
-
-class _Kind(enum.Enum):
-    CHAT = enum.auto()
-    JOIN = enum.auto()
-    LEAVE = enum.auto()
-
-
-@dataclass(frozen=True, slots=True)
-class _Write:
-    """One change queued for the writer; `draft` is the message it stores."""
-
-    kind: _Kind
-    draft: _Draft
-    instance_id: UUID | None = None  # of a joining member
-
-    @property
-    def room_id(self) -> UUID:
-        return self.draft.room_id
-
-    @property
-    def member_id(self) -> UUID:
-        return self.draft.member.id
-
-
-async def _apply(cursor: aiopg.Cursor, writes: Sequence[_Write], keep: int) -> list[Message]:
-    """Apply a batch of writes inside a transaction; return the messages stored.
-
-    Two statements: lock the rooms (all in one statement, so in id order), then
-    change the members and store the messages of those that exist. A write to a
-    room that is gone stores nothing, nor does the leave of a member that is
-    gone already. A batch changes each member once at most (see
-    _GroupCommit._next_batch), so within the statement no member's changes
-    need ordering; the messages are stored in the order of the writes, `keep` of
-    a room at most.
-    """
-    await statements.LOCK_ROOMS.run(cursor, room_ids=list({str(write.room_id) for write in writes}))
-    live = {room_id for (room_id,) in await cursor.fetchall()}
-    writes = [write for write in writes if write.room_id in live]
-    if not writes:
-        return []
-    joins = [write for write in writes if write.kind is _Kind.JOIN]
-    exits = [write for write in writes if write.kind is _Kind.LEAVE]
-    drafts = [write.draft for write in writes]
-    await statements.APPLY_CHANGES.run(
-        cursor,
-        join_ids=[str(join.member_id) for join in joins],
-        join_room_ids=[str(join.room_id) for join in joins],
-        names=[join.draft.member.name for join in joins],
-        instance_ids=[str(join.instance_id) for join in joins],
-        exit_ids=[str(write.member_id) for write in exits],
-        exit_room_ids=[str(write.room_id) for write in exits],
-        drafts=_drafts_json(drafts),
-        keep=keep,
-    )
-    return _stored(drafts, await cursor.fetchall())
-
-
-def _check_storable(text: str) -> None:
-    """PostgreSQL text holds neither NUL nor lone surrogates; refuse them up front,
-    where one bad message cannot fail the batch it would have shared."""
-    if "\0" in text:
-        raise ValueError("text contains a NUL character")
-    text.encode("utf-8")  # UnicodeEncodeError, a ValueError, for a lone surrogate
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, TimeoutError):
-        return "timed out"
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-_Pending = tuple[_Write, asyncio.Future[Message | None]]
-
-
-class _GroupCommit:
-    """Applies concurrent writes together: one transaction, one commit per batch.
-
-    While a batch is in flight, new writes queue up and go together in the next
-    one; at low load a write goes alone, at once (there is no timer). A task of
-    its own does the writing, so a caller that is cancelled never cancels the
-    transaction carrying the writes of others. The queue holds one entry per
-    waiting caller, so the callers themselves bound it.
-    """
-
-    def __init__(
-        self,
-        apply: Callable[[list[_Write]], Awaitable[list[Message]]],
-        max_batch: int,
-        room_max_messages: int,
-    ) -> None:
-        self._apply = apply
-        self._max_batch = max_batch
-        self._room_max_messages = room_max_messages
-        self._queue: collections.deque[_Pending] = collections.deque()
-        self._writer: asyncio.Task[None] | None = None
-
-    async def submit(self, write: _Write) -> Message | None:
-        """The message the write stored; None for a leave of a member gone already,
-        or of a room gone. Raises RoomNotFound, BackendUnavailable."""
-        return await self._enqueue(write)
-
-    async def drain(self) -> None:
-        """Wait until every queued write is applied or has failed."""
-        if self._writer is not None:
-            await asyncio.shield(self._writer)
-
-    def _enqueue(self, write: _Write) -> asyncio.Future[Message | None]:
-        future: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
-        self._queue.append((write, future))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_all())
-        return future
-
-    async def _write_all(self) -> None:
-        try:
-            while self._queue:
-                await self._write_batch(self._next_batch())
-        finally:
-            self._writer = None
-
-    def _next_batch(self) -> list[_Pending]:
-        """The oldest writes, in call order, up to `max_batch` or to one that waits for
-        the next batch: a second join or leave of one member (a batch that both added
-        and removed a member would have to know which came first), or a message over
-        `room_max_messages` for one room (a statement cannot delete its own rows)."""
-        batch: list[_Pending] = []
-        changing: set[UUID] = set()
-        room_max = self._room_max_messages
-        in_room: dict[int, int] = {}  # by the room id's int: UUID hashes in Python
-        while self._queue and len(batch) < self._max_batch:
-            write, _ = self._queue[0]
-            if write.kind is not _Kind.CHAT:
-                if write.member_id in changing:
-                    break
-                changing.add(write.member_id)
-            if room_max:
-                room = write.draft.room_id.int
-                stored = in_room.get(room, 0)
-                if stored == room_max:
-                    break
-                in_room[room] = stored + 1
-            batch.append(self._queue.popleft())
-        return [(write, future) for write, future in batch if not future.cancelled()]
-
-    async def _write_batch(self, batch: list[_Pending]) -> None:
-        if not batch:
-            return
-        try:
-            stored = {message.id: message for message in await self._apply([w for w, _ in batch])}
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as error:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(_own_copy(error))
-            return
-        for write, future in batch:
-            self._settle(write, future, stored.get(write.draft.id))
-
-    def _settle(
-        self, write: _Write, future: asyncio.Future[Message | None], message: Message | None
-    ) -> None:
-        if future.cancelled():  # the caller gave up while its write was in flight
-            if write.kind is _Kind.JOIN and message is not None:
-                self._leave(write)
-        elif message is not None or write.kind is _Kind.LEAVE:
-            future.set_result(message)
-        else:
-            future.set_exception(RoomNotFound(str(write.room_id)))
-
-    def _leave(self, join: _Write) -> None:
-        """A join whose caller gave up once it was stored: nobody will ever remove the
-        member, so it leaves at once. Its `joined` and `left` reach the room like any
-        message nobody published (see Controller._audit_rooms): a stored message is
-        never taken back, so numbers are never reused."""
-        member = join.draft.member
-        leaving = self._enqueue(_Write(_Kind.LEAVE, _left(join.room_id, member)))
-        leaving.add_done_callback(functools.partial(_report_leave, member.id))
-
-
-def _report_leave(member_id: UUID, leaving: asyncio.Future[Message | None]) -> None:
-    error = None if leaving.cancelled() else leaving.exception()
-    if error is not None:
-        log.error("member %s of a cancelled join stays listed: %s", member_id, error)
-
-
-def _own_copy(error: Exception) -> Exception:
-    """One exception object raised in many tasks would mix their tracebacks."""
-    if not isinstance(error, BackendUnavailable):
-        return error
-    copy = BackendUnavailable(*error.args)
-    copy.__cause__ = error.__cause__
-    return copy
-
-
 class PostgresRepository:
-    """The Repository port on PostgreSQL; see the module docstring for the locking."""
+    """The Repository port on PostgreSQL."""
 
     def __init__(
         self,
@@ -371,13 +55,18 @@ class PostgresRepository:
         timeout: float,
         max_batch: int = 500,
         room_max_messages: int = 0,
+        prepared_statements: bool = True,
     ) -> None:
-        """`room_max_messages`: the history a room keeps, oldest dropped first; 0 = all."""
-        self._pool = pool
-        self._timeout = timeout
-        self._writes = _GroupCommit(self._commit, max_batch, room_max_messages)
-        self._keep = room_max_messages or statements.MAX_NUMBER
-        self._available = True
+        """`room_max_messages`: the history a room keeps, oldest dropped first; 0 = all.
+        `prepared_statements`: whether the pool's connections prepared the writer's
+        statements (see open_postgres_repository)."""
+        self._connections = _Connections(pool, timeout)
+        self._cursor = self._connections.cursor
+        self._transaction = self._connections.transaction
+        self._store = Store(room_max_messages or MAX_NUMBER, prepared=prepared_statements)
+        self._writes = GroupCommit(
+            self._commit, max_batch=max_batch, room_max_messages=room_max_messages
+        )
 
     async def drain(self) -> None:
         """Finish the writes already handed to add_member, remove_member and add_message."""
@@ -411,57 +100,32 @@ class PostgresRepository:
 
     async def list_messages(self, room_id: UUID, page: Page) -> list[Message]:
         async with self._cursor() as cursor:
-            after_number, before_number = await _page_bounds(cursor, room_id, page)
+            after, before = page.numbers(await _number(cursor, room_id, page.cursor))
             await (statements.PAGE_FORWARD if page.forward else statements.PAGE_BACKWARD).run(
-                cursor,
-                room_id=room_id,
-                after_number=after_number,
-                before_number=before_number,
-                limit=page.limit,
+                cursor, room_id=room_id, after_number=after, before_number=before, limit=page.limit
             )
             rows = await cursor.fetchall()
         if not page.forward:
-            rows.reverse()
+            rows.reverse()  # the newest came first
         return [_message(room_id, row) for row in rows]
 
     async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
-        """Store the member and its `joined` together, grouped with concurrent writes.
-
-        Raises ValueError for a name PostgreSQL cannot store, RoomNotFound, or
-        BackendUnavailable.
-        """
-        _check_storable(member.name)
-        join = _Write(_Kind.JOIN, _joined(room_id, member), instance_id)
-        return cast(Message, await self._writes.submit(join))  # stored, or it raised
+        return await self._writes.join(room_id, member, instance_id)
 
     async def remove_member(self, room_id: UUID, member: Member) -> Message | None:
-        """None when the member was gone already: whoever removed it told the room."""
-        _check_storable(member.name)
-        return await self._writes.submit(_Write(_Kind.LEAVE, _left(room_id, member)))
+        return await self._writes.leave(room_id, member)
 
     async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        """Store a chat message, grouped with concurrent writes.
-
-        Raises ValueError for text PostgreSQL cannot store, RoomNotFound, or
-        BackendUnavailable.
-        """
-        _check_storable(text)
-        _check_storable(member.name)
-        chat = _Write(_Kind.CHAT, _Draft(uuid4(), room_id, member, MessageType.CHAT, text))
-        return cast(Message, await self._writes.submit(chat))  # stored, or it raised
+        return await self._writes.say(room_id, member, text)
 
     async def message_number(self, room_id: UUID, message_id: UUID) -> int:
         async with self._cursor() as cursor:
-            return await _cursor_number(cursor, room_id, message_id)
+            return await _number(cursor, room_id, message_id)
 
     async def messages_after(self, room_id: UUID, number: int, limit: int) -> list[Message]:
         async with self._cursor() as cursor:
             await statements.PAGE_FORWARD.run(
-                cursor,
-                room_id=room_id,
-                after_number=number,
-                before_number=statements.MAX_NUMBER,
-                limit=limit,
+                cursor, room_id=room_id, after_number=number, before_number=MAX_NUMBER, limit=limit
             )
             rows = await cursor.fetchall()
         return [_message(room_id, row) for row in rows]
@@ -495,15 +159,13 @@ class PostgresRepository:
             # and a concurrent reaper sees them gone once we commit.
             await statements.DELETE_DEAD.run(cursor, expired=expired, room_ids=room_ids)
             dead = await cursor.fetchall()
-            drafts = [_left(room_id, Member(member_id, name)) for member_id, room_id, name in dead]
-            left = []
-            for run in _one_statement_each(drafts, self._keep):
-                left += await _store(cursor, run, self._keep, lock=False)
+            drafts = [left(room_id, Member(member_id, name)) for member_id, room_id, name in dead]
+            reaped = await self._store.all_messages(cursor, drafts)
             await statements.SETTLE_ROOMS.run(cursor, room_ids=room_ids)
             await statements.DELETE_INSTANCES.run(cursor, expired=expired)
-        if expired or left:
-            log.info("reaped %s dead instances and %s of their members", len(expired), len(left))
-        return left
+        if expired or reaped:
+            log.info("reaped %s dead instances and %s of their members", len(expired), len(reaped))
+        return reaped
 
     async def trim_rooms(self) -> int:
         """Drop the messages of every room beyond the bound: those a lowered bound, or a
@@ -512,13 +174,14 @@ class PostgresRepository:
         Stores drop only what their own messages push out, so this runs once, as the
         repository opens. It may take long on a big database: it gets a minute at least.
         """
-        if self._keep == statements.MAX_NUMBER:
+        keep = self._store.keep
+        if keep == MAX_NUMBER:
             return 0
-        async with self._cursor(max(self._timeout, 60.0)) as cursor:
-            await statements.TRIM_ROOMS.run(cursor, keep=self._keep)
+        async with self._cursor(max(self._connections.timeout, 60.0)) as cursor:
+            await statements.TRIM_ROOMS.run(cursor, keep=keep)
             dropped: int = cursor.rowcount
         if dropped:
-            log.info("dropped %s messages of rooms over the bound of %s", dropped, self._keep)
+            log.info("dropped %s messages of rooms over the bound of %s", dropped, keep)
         return dropped
 
     async def delete_idle_rooms(self, idle_seconds: float) -> list[UUID]:
@@ -529,28 +192,39 @@ class PostgresRepository:
             log.info("deleted %s idle rooms", len(deleted))
         return deleted
 
-    async def _commit(self, writes: list[_Write]) -> list[Message]:
-        if all(write.kind is _Kind.CHAT for write in writes):
+    async def _commit(self, writes: list[Write]) -> list[Message]:
+        """Apply a batch of the group commit."""
+        if all(write.kind is Kind.CHAT for write in writes):
             # Lock and store in one query outside a transaction block: PostgreSQL
             # runs it as one transaction and commits it on its own, no round trips
             # for BEGIN and COMMIT.
             async with self._cursor() as cursor:
                 drafts = [write.draft for write in writes]
-                return await _store(cursor, drafts, self._keep, lock=True)
+                return await self._store.messages(cursor, drafts, lock=True)
         async with self._transaction() as cursor:
-            return await _apply(cursor, writes, self._keep)
+            return await self._store.changes(cursor, writes)
+
+
+class _Connections:
+    """The aiopg pool: each call bounded by `timeout`, every driver error turned into
+    BackendUnavailable, one log line when PostgreSQL goes away and one when it is back."""
+
+    def __init__(self, pool: aiopg.Pool, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self._available = True
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiopg.Cursor]:
-        async with self._cursor() as cursor, cursor.begin():
+    async def transaction(self) -> AsyncIterator[aiopg.Cursor]:
+        async with self.cursor() as cursor, cursor.begin():
             yield cursor
 
     @contextlib.asynccontextmanager
-    async def _cursor(self, within: float | None = None) -> AsyncIterator[aiopg.Cursor]:
+    async def cursor(self, within: float | None = None) -> AsyncIterator[aiopg.Cursor]:
         try:
             async with (
-                asyncio.timeout(within or self._timeout),
-                self._pool.acquire() as connection,
+                asyncio.timeout(within or self.timeout),
+                self.pool.acquire() as connection,
             ):
                 try:
                     async with connection.cursor() as cursor:
@@ -586,16 +260,14 @@ def _cancelled() -> bool:
     return task is None or task.cancelling() > 0
 
 
-async def _page_bounds(cursor: aiopg.Cursor, room_id: UUID, page: Page) -> tuple[int, int]:
-    """The range of numbers (exclusive) that the page selects from; checks room and cursor."""
-    cursor_id = page.after if page.after is not None else page.before
-    number = await _cursor_number(cursor, room_id, cursor_id)
-    if cursor_id is None:
-        return 0, statements.MAX_NUMBER
-    return (number, statements.MAX_NUMBER) if page.forward else (0, number)
+def _reason(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
-async def _cursor_number(cursor: aiopg.Cursor, room_id: UUID, message_id: UUID | None) -> int:
+async def _number(cursor: aiopg.Cursor, room_id: UUID, message_id: UUID | None) -> int:
     """The number of the room's message (0 for no message); raises RoomNotFound, or
     MessageNotFound for a message that is not the room's."""
     await statements.FIND_CURSOR.run(cursor, room_id=room_id, cursor_id=message_id)
@@ -632,12 +304,16 @@ async def open_postgres_repository(
     pool_max: int = 10,
     timeout: float = 5.0,  # noqa: ASYNC109 - bounds each statement, it is no deadline
     room_max_messages: int = 0,
+    prepared_statements: bool = True,
 ) -> AsyncIterator[PostgresRepository]:
     """A repository on a pool of `dsn` (postgresql:// or postgres://); does not migrate.
 
     `timeout` bounds each call, from the wait for a connection to the commit:
     past it the call raises BackendUnavailable. `room_max_messages`: the history
     a room keeps, oldest dropped first; 0 = all (see PostgresRepository.trim_rooms).
+    `prepared_statements`: prepare the writer's statements on each connection;
+    off behind a pooler in transaction mode, which would run a preparation and
+    its uses on different server connections.
     """
     try:
         async with asyncio.timeout(timeout):
@@ -652,11 +328,16 @@ async def open_postgres_repository(
                 timeout=None,  # type: ignore[arg-type]
                 enable_json=False,
                 enable_hstore=False,
-                on_connect=statements.prepare_on,
+                on_connect=prepare_on if prepared_statements else None,
             )
     except _DRIVER_ERRORS as error:
         raise BackendUnavailable(f"PostgreSQL: {_reason(error)}") from error
-    repository = PostgresRepository(pool, timeout=timeout, room_max_messages=room_max_messages)
+    repository = PostgresRepository(
+        pool,
+        timeout=timeout,
+        room_max_messages=room_max_messages,
+        prepared_statements=prepared_statements,
+    )
     try:
         try:
             await repository.trim_rooms()

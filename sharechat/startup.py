@@ -1,10 +1,11 @@
-"""Start-up with a backend that is not there yet: try again with backoff, up to a deadline.
+"""Start-up with PostgreSQL not there yet: try again with backoff, up to a deadline.
 
-On a platform the database and Redis often come up with the server, or restart
-under it. An instance that cannot reach one at start logs one line an attempt
-and tries again, waiting twice as long each time (up to MAX_DELAY), until
+On a platform the database often comes up with the server, or restarts under
+it. An instance that cannot reach it at start logs one line an attempt and
+tries again, waiting twice as long each time (up to MAX_DELAY), until
 `--startup-timeout` has passed since it started; then it gives up with one
-line, and the platform restarts it.
+line, and the platform restarts it. (Redis needs none of this: its queue
+connects and reconnects by itself, and readiness says 503 meanwhile.)
 """
 
 from __future__ import annotations

@@ -51,13 +51,20 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
         if self.tls:
-            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self._certificate}"
+            return f"{self.hosted_url}?ssl_ca_certs={self.certificate}"
+        auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
-    def _certificate(self) -> Path:
+    def hosted_url(self) -> str:
+        """The URL a hosted Redis hands out: rediss://, and nothing about the certificate."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"rediss://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def certificate(self) -> Path:
+        """The self-signed certificate of a TLS server (its own CA)."""
         return self.directory / "cert.pem"
 
     @property
@@ -74,7 +81,7 @@ class RedisServer:
         if self.tls:
             self._make_certificate()
             command += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
-            command += ["--tls-cert-file", str(self._certificate), "--tls-key-file", str(self._key)]
+            command += ["--tls-cert-file", str(self.certificate), "--tls-key-file", str(self._key)]
         else:
             command += ["--port", str(self.port)]
         self._process = subprocess.Popen(
@@ -116,7 +123,7 @@ class RedisServer:
             with contextlib.ExitStack() as stack:
                 conn = stack.enter_context(socket.create_connection(("127.0.0.1", self.port), 1))
                 if self.tls:
-                    context = ssl.create_default_context(cafile=self._certificate)
+                    context = ssl.create_default_context(cafile=self.certificate)
                     tls = context.wrap_socket(conn, server_hostname="127.0.0.1")
                     conn = stack.enter_context(tls)
                 # Without the password the server still answers, with -NOAUTH: it is up.
@@ -126,10 +133,10 @@ class RedisServer:
             return False
 
     def _make_certificate(self) -> None:
-        if self._certificate.exists():
+        if self.certificate.exists():
             return  # a restart keeps the certificate clients already trust
         command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        command += ["-keyout", str(self._key), "-out", str(self._certificate)]
+        command += ["-keyout", str(self._key), "-out", str(self.certificate)]
         command += ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"]
         subprocess.run(command, check=True, capture_output=True)
 

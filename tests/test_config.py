@@ -117,7 +117,23 @@ CASES = [
         {"DATABASE_URL": DATABASE},
     ),
     Case("redis_prefix", "--redis-prefix", "SHARECHAT_REDIS_PREFIX", "t42:", "t42:", "x:"),
+    Case(
+        "redis_ssl_ca_certs", "--redis-ssl-ca-certs", "REDIS_SSL_CA_CERTS", __file__, __file__,
+        sys.executable, {"DATABASE_URL": DATABASE, "REDIS_URL": "rediss://r.example:6380/0"},
+    ),
+    Case(
+        "redis_ssl_cert_reqs", "--redis-ssl-cert-reqs", "REDIS_SSL_CERT_REQS", "none", "none",
+        "required", {"DATABASE_URL": DATABASE, "REDIS_URL": "rediss://r.example:6380/0"},
+    ),
     Case("db_pool_size", "--db-pool-size", "SHARECHAT_DB_POOL_SIZE", "3", 3, "4"),
+    Case(
+        "db_prepared_statements",
+        "--db-prepared-statements",
+        "SHARECHAT_DB_PREPARED_STATEMENTS",
+        "off",
+        False,
+        "on",
+    ),
     Case("backend_timeout", "--backend-timeout", "SHARECHAT_BACKEND_TIMEOUT", "2.5", 2.5, "1"),
     Case("instance_lease", "--instance-lease", "SHARECHAT_INSTANCE_LEASE", "20", 20.0, "30"),
     Case("log_format", "--log-format", "LOG_FORMAT", "JSON", "json", "text"),

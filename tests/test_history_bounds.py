@@ -5,19 +5,16 @@ dropped first."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 from uuid import uuid4
 
 import aiohttp
 import pytest
 
-from sharechat.domain import Member, Message, MessageNotFound, Room
+from sharechat.domain import Member, Room
 from sharechat.memory import MemoryRepository
-from sharechat.ports import MAX_PAGE, Page, Repository
+from sharechat.ports import MAX_NUMBER, MAX_PAGE, Page, Repository
 from tests.conftest import Chat, StartServer
 from tests.helpers import WAIT, receive_json
 
@@ -108,108 +105,14 @@ async def test_a_busy_room_keeps_only_its_newest_messages(start_server: StartSer
 
 # --- the repositories themselves -------------------------------------------------------
 
-OpenRepository = Callable[[int], AbstractAsyncContextManager[Repository]]
-
-
-@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.services)])
-def open_repository(request: pytest.FixtureRequest) -> OpenRepository:
-    """Opens a repository of the parameter's kind with a given room_max_messages."""
-    if request.param == "memory":
-
-        @contextlib.asynccontextmanager
-        async def memory(room_max_messages: int) -> AsyncIterator[Repository]:
-            yield MemoryRepository(room_max_messages=room_max_messages)
-
-        return memory
-    from sharechat.postgres import open_postgres_repository
-
-    database_url = request.getfixturevalue("database_url")
-
-    @contextlib.asynccontextmanager
-    async def postgres(room_max_messages: int) -> AsyncIterator[Repository]:
-        async with open_postgres_repository(
-            database_url, room_max_messages=room_max_messages
-        ) as repository:
-            yield repository
-
-    return postgres
-
-
 async def new_room(repository: Repository) -> Room:
     room = Room(id=uuid4(), name="Blue Lagoon")
     await repository.create_room(room)
     return room
 
 
-async def texts(repository: Repository, room: Room, page: Page | None = None) -> list[str]:
-    return [m.message for m in await repository.list_messages(room.id, page or Page())]
-
-
-async def test_a_room_never_holds_more_than_the_bound(open_repository: OpenRepository) -> None:
-    async with asyncio.timeout(LONG), open_repository(5) as repository:
-        room, other = await new_room(repository), await new_room(repository)
-        member = Member(uuid4(), "Teal Otter")
-        for n in range(12):
-            await repository.add_message(room.id, member, f"m{n}")
-            assert await texts(repository, room) == [f"m{i}" for i in range(max(0, n - 4), n + 1)]
-        # Concurrent calls go in a few batches; more than the bound of one room in
-        # one batch would leave the batch's own oldest behind.
-        calls = [(room if n % 3 else other, f"c{n}") for n in range(40)]
-        await asyncio.gather(*(repository.add_message(r.id, member, t) for r, t in calls))
-        assert await texts(repository, room) == [t for r, t in calls if r is room][-5:]
-        assert await texts(repository, other) == [t for r, t in calls if r is other][-5:]
-        # Joins and leaves are messages of the room like any other.
-        await repository.add_member(room.id, member, uuid4())
-        await repository.remove_member(room.id, member)
-        assert (await texts(repository, room))[-2:] == ["Teal Otter joined", "Teal Otter left"]
-        assert len(await texts(repository, room)) == 5
-
-
-async def test_cursors_and_numbers_after_trimming(open_repository: OpenRepository) -> None:
-    """A message is numbered one above the room's newest, and a store drops those
-    numbered `bound` below it or more: cursors at dropped messages are refused, and
-    numbers go on without reuse."""
-    async with asyncio.timeout(LONG), open_repository(3) as repository:
-        room = await new_room(repository)
-        member = Member(uuid4(), "Teal Otter")
-
-        async def say(text: str) -> Message:
-            return await repository.add_message(room.id, member, text)
-
-        stored = [await say(f"m{n}") for n in range(10)]
-        assert [m.number for m in stored] == list(range(1, 11))
-        assert await texts(repository, room) == ["m7", "m8", "m9"]
-        assert await texts(repository, room, Page(after=stored[7].id)) == ["m8", "m9"]
-        assert await texts(repository, room, Page(before=stored[9].id, limit=1)) == ["m8"]
-        assert await repository.message_number(room.id, stored[8].id) == 9
-        after = await repository.messages_after(room.id, 2, 10)
-        assert [m.message for m in after] == ["m7", "m8", "m9"]
-        assert await repository.newest_numbers([room.id, uuid4()]) == {room.id: 10}
-        for gone in (stored[0].id, stored[6].id, uuid4()):
-            for page in (Page(before=gone), Page(after=gone)):
-                with pytest.raises(MessageNotFound):
-                    await repository.list_messages(room.id, page)
-            with pytest.raises(MessageNotFound):
-                await repository.message_number(room.id, gone)
-
-
-async def test_a_bound_of_0_keeps_everything(open_repository: OpenRepository) -> None:
-    async with asyncio.timeout(LONG), open_repository(0) as repository:
-        room = await new_room(repository)
-        member = Member(uuid4(), "Teal Otter")
-        await asyncio.gather(*(repository.add_message(room.id, member, f"m{n}") for n in range(30)))
-        assert await texts(repository, room) == [f"m{n}" for n in range(30)]
-
-
-async def test_a_page_holds_1000_messages_at_most(open_repository: OpenRepository) -> None:
-    async with asyncio.timeout(LONG), open_repository(0) as repository:
-        room = await new_room(repository)
-        member = Member(uuid4(), "Teal Otter")
-        calls = [repository.add_message(room.id, member, f"m{n}") for n in range(1200)]
-        stored: list[Message] = await asyncio.gather(*calls)
-        assert await repository.list_messages(room.id, Page()) == stored[-1000:]
-        assert await repository.list_messages(room.id, Page(after=stored[0].id)) == stored[1:1001]
-        assert await repository.list_messages(room.id, Page(before=stored[-1].id)) == stored[199:-1]
+# The repositories' own bounds (trimming, numbers, pages of 1000) are part of the
+# Repository contract: tests/test_repository_contract.py runs them on every adapter.
 
 
 def test_a_page_asks_for_one_cursor_and_1_to_1000_messages() -> None:
@@ -222,6 +125,10 @@ def test_a_page_asks_for_one_cursor_and_1_to_1000_messages() -> None:
     assert Page(after=uuid4()).window(10, 2000) == (10, 1010)
     assert Page(before=uuid4()).window(0, 2000) == (1000, 2000)
     assert Page(limit=5).window(0, 3) == (0, 3)
+    # The numbers a page selects between, given its cursor's.
+    assert Page().numbers(7) == (0, MAX_NUMBER)
+    assert Page(before=uuid4()).numbers(7) == (0, 7)
+    assert Page(after=uuid4()).numbers(7) == (7, MAX_NUMBER)
 
 
 async def test_memory_keeps_nothing_of_what_it_dropped() -> None:

@@ -1,4 +1,7 @@
-"""The PostgreSQL repository against a real server: each test gets a database of its own."""
+"""What only the PostgreSQL repository does, against a real server: migrations, the
+schema, group commit, locks, prepared statements, reaping across instances, outages.
+Each test gets a database of its own. The Repository contract that every adapter
+honours is tested in test_repository_contract.py."""
 
 from __future__ import annotations
 
@@ -14,12 +17,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from sharechat import statements
 from sharechat.domain import (
     BackendUnavailable,
     Member,
     Message,
-    MessageNotFound,
     MessageType,
     Room,
     RoomNotFound,
@@ -28,6 +29,7 @@ from sharechat.migrations import MigrationError, default_sql_dir, migrate
 from sharechat.ports import Page
 from sharechat.postgres import PostgresRepository, open_postgres_repository
 from sharechat.statements import instances, members, messages, metadata, rooms
+from sharechat.write_statements import PREPARED
 from tests.helpers import eventually
 from tests.pg_support import temporary_database, throwaway_cluster
 
@@ -36,16 +38,6 @@ pytestmark = pytest.mark.services  # real PostgreSQL/Redis: see conftest --backe
 WAIT = 20.0  # the deadline of a whole test body
 PROMPT = 5.0  # how long a call may take to fail when PostgreSQL is away
 DIALECT = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]
-HOSTILE_TEXTS = [
-    "'); DROP TABLE messages; --",
-    "Robert'); DELETE FROM rooms; --",
-    "double \"quotes\", 'single', `back`; semi;colons;",
-    "percent %s %(name)s %% and backslash \\ \\x00 \\n",
-    "emoji 🦦🏳️‍🌈😀 and CJK extension B 𠜎𠜱𠝹 (4 bytes each) and 中文 and עברית",
-    "tabs\tand\nnew\r\nlines",
-    " leading and trailing spaces ",
-    "long " + "🦦x'" * 100_000,
-]
 
 
 @pytest.fixture
@@ -75,6 +67,16 @@ async def query(dsn: str, statement: sa.ClauseElement) -> list[Any]:
     ):
         await cursor.execute(str(compiled), compiled.params)
         return await cursor.fetchall() if cursor.description else []
+
+
+@contextlib.asynccontextmanager
+async def pooled_cursor(repository: PostgresRepository) -> AsyncIterator[aiopg.Cursor]:
+    """A cursor on a connection of the repository's own pool."""
+    async with (
+        repository._connections.pool.acquire() as connection,
+        connection.cursor() as cursor,
+    ):
+        yield cursor
 
 
 async def new_room(repository: PostgresRepository) -> Room:
@@ -227,78 +229,25 @@ async def test_migrate_without_a_server_raises_backend_unavailable() -> None:
 # --- rooms and members -----------------------------------------------------------------
 
 
-async def test_rooms_are_created_and_found(repository: PostgresRepository) -> None:
-    async with asyncio.timeout(WAIT):
-        room = await new_room(repository)
-        assert await repository.get_room(room.id) == room
-        assert await repository.list_members(room.id) == []
-        assert await repository.list_messages(room.id, Page()) == []
-        for call in (
-            repository.get_room(uuid4()),
-            repository.list_members(uuid4()),
-            repository.list_messages(uuid4(), Page()),
-        ):
-            with pytest.raises(RoomNotFound):
-                await call
-
-
-async def test_add_member_stores_member_and_joined_together(
+async def test_a_room_is_marked_empty_when_its_last_member_leaves(
     repository: PostgresRepository, dsn: str
 ) -> None:
+    """`emptied_at`, which the idle-room sweep reads: set from birth, cleared by a
+    join, set again by the last one out."""
     async with asyncio.timeout(WAIT):
         room = await new_room(repository)
-        member = new_member()
-        joined = await repository.add_member(room.id, member, uuid4())
-        assert (joined.room_id, joined.member_id, joined.member_name) == (
-            room.id,
-            member.id,
-            member.name,
-        )
-        assert (joined.type, joined.message) == (MessageType.JOINED, "Teal Otter joined")
-        assert joined.sent.utcoffset() is not None
-        assert joined.sent.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
-        assert await repository.list_members(room.id) == [member]
-        assert await repository.list_messages(room.id, Page()) == [joined]
-        assert await emptied_at(dsn, room.id) is None
-
-
-async def test_add_member_to_a_missing_room_stores_nothing(
-    repository: PostgresRepository, dsn: str
-) -> None:
-    async with asyncio.timeout(WAIT):
-        with pytest.raises(RoomNotFound):
-            await repository.add_member(uuid4(), new_member(), uuid4())
-        assert await query(dsn, sa.select(members.c.id)) == []
-        assert await query(dsn, sa.select(messages.c.id)) == []
-
-
-async def test_remove_member_stores_left_once_and_marks_the_room_empty(
-    repository: PostgresRepository, dsn: str
-) -> None:
-    async with asyncio.timeout(WAIT):
-        room = await new_room(repository)
+        assert await emptied_at(dsn, room.id) is not None
         stays, leaves = new_member("Red Fox"), new_member()
         await repository.add_member(room.id, stays, uuid4())
-        await repository.add_member(room.id, leaves, uuid4())
-        left = await repository.remove_member(room.id, leaves)
-        assert left is not None
-        assert (left.type, left.message, left.member_id) == (
-            MessageType.LEFT,
-            "Teal Otter left",
-            leaves.id,
-        )
-        assert await repository.list_members(room.id) == [stays]
         assert await emptied_at(dsn, room.id) is None
-        assert await repository.remove_member(room.id, leaves) is None
-        assert await repository.remove_member(room.id, stays) is not None
-        assert await emptied_at(dsn, room.id) is not None
-        assert await history(repository, room.id) == [
-            "Red Fox joined",
-            "Teal Otter joined",
-            "Teal Otter left",
-            "Red Fox left",
-        ]
-        assert await repository.remove_member(uuid4(), stays) is None
+        await repository.add_member(room.id, leaves, uuid4())
+        await repository.remove_member(room.id, leaves)
+        assert await emptied_at(dsn, room.id) is None
+        await repository.remove_member(room.id, leaves)  # gone already: nothing changes
+        assert await emptied_at(dsn, room.id) is None
+        left = await repository.remove_member(room.id, stays)
+        assert left is not None
+        assert await emptied_at(dsn, room.id) >= left.sent
 
 
 async def test_the_last_of_many_concurrent_leavers_marks_the_room_empty(
@@ -548,61 +497,6 @@ async def test_a_join_cancelled_in_flight_leaves_at_once(
         assert joined.number == 3
 
 
-# --- history paging --------------------------------------------------------------------
-
-
-@pytest.fixture
-async def chatty_room(repository: PostgresRepository) -> tuple[Room, list[Message]]:
-    """A room with the history `m0` .. `m9`, stored one after the other."""
-    async with asyncio.timeout(WAIT):
-        room = await new_room(repository)
-        member = new_member()
-        return room, [await repository.add_message(room.id, member, f"m{i}") for i in range(10)]
-
-
-async def test_history_is_oldest_first_and_limit_keeps_the_newest(
-    repository: PostgresRepository, chatty_room: tuple[Room, list[Message]]
-) -> None:
-    room, stored = chatty_room
-    async with asyncio.timeout(WAIT):
-        assert await repository.list_messages(room.id, Page()) == stored
-        assert await history(repository, room.id, limit=3) == ["m7", "m8", "m9"]
-        assert await history(repository, room.id, limit=100) == [f"m{i}" for i in range(10)]
-        sent = [message.sent for message in stored]
-        assert sent == sorted(sent)
-
-
-async def test_paging_backward_and_forward_from_a_cursor(
-    repository: PostgresRepository, chatty_room: tuple[Room, list[Message]]
-) -> None:
-    room, stored = chatty_room
-    async with asyncio.timeout(WAIT):
-        assert await history(repository, room.id, before=stored[5].id) == [
-            f"m{i}" for i in range(5)
-        ]
-        assert await history(repository, room.id, before=stored[5].id, limit=2) == ["m3", "m4"]
-        assert await history(repository, room.id, after=stored[5].id) == ["m6", "m7", "m8", "m9"]
-        assert await history(repository, room.id, after=stored[5].id, limit=2) == ["m6", "m7"]
-        assert await history(repository, room.id, after=stored[7].id, limit=50) == ["m8", "m9"]
-        assert await history(repository, room.id, before=stored[0].id) == []
-        assert await history(repository, room.id, after=stored[9].id) == []
-        assert await history(repository, room.id, after=stored[9].id, limit=1) == []
-
-
-async def test_a_cursor_must_be_a_message_of_the_room(
-    repository: PostgresRepository, chatty_room: tuple[Room, list[Message]]
-) -> None:
-    room, stored = chatty_room
-    async with asyncio.timeout(WAIT):
-        other = await new_room(repository)
-        foreign = await repository.add_message(other.id, new_member(), "elsewhere")
-        for page in (Page(before=foreign.id), Page(after=foreign.id), Page(after=uuid4())):
-            with pytest.raises(MessageNotFound):
-                await repository.list_messages(room.id, page)
-        with pytest.raises(RoomNotFound):
-            await repository.list_messages(uuid4(), Page(before=stored[0].id))
-
-
 # --- the bound on a room's history ----------------------------------------------------
 
 
@@ -690,12 +584,12 @@ async def test_a_busy_room_at_its_bound_stores_at_a_steady_cost(dsn: str) -> Non
         room = await new_room(repo)
         member = new_member()
         await asyncio.gather(*(repo.add_message(room.id, member, f"m{n}") for n in range(3000)))
-        explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statements.INSERT_MESSAGE.sql
+        explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + PREPARED.insert_message.sql
         params = {"id": str(uuid4()), "room_id": str(room.id), "member_id": str(member.id)}
         params |= {"member_name": member.name, "type": "chat", "message": "next", "keep": 10}
-        async with repo._pool.acquire() as connection, connection.cursor() as cursor:
+        async with pooled_cursor(repo) as cursor:
             await cursor.execute("BEGIN")
-            await statements.LOCK_ROOM.run(cursor, room_id=str(room.id))
+            await PREPARED.lock_room.run(cursor, room_id=str(room.id))
             await cursor.execute(explain, params)
             [([plan],)] = await cursor.fetchall()
             await cursor.execute("ROLLBACK")  # the plan's store is not kept
@@ -720,70 +614,7 @@ async def test_a_reaper_keeps_the_bound_too(dsn: str) -> None:
         assert await repo.list_messages(room.id, Page()) == left[-3:]
 
 
-# --- chat messages ---------------------------------------------------------------------
-
-
-async def test_hostile_text_round_trips_exactly(repository: PostgresRepository) -> None:
-    async with asyncio.timeout(WAIT):
-        room = await new_room(repository)
-        member = new_member("Robert Tables")
-        stored = [await repository.add_message(room.id, member, text) for text in HOSTILE_TEXTS]
-        assert [message.message for message in stored] == HOSTILE_TEXTS
-        assert await repository.list_messages(room.id, Page()) == stored
-
-
-async def test_text_postgres_cannot_store_is_refused_alone(
-    repository: PostgresRepository, dsn: str
-) -> None:
-    async with asyncio.timeout(WAIT):
-        room = await new_room(repository)
-        member = new_member()
-        results = await asyncio.gather(
-            repository.add_message(room.id, member, "before"),
-            repository.add_message(room.id, member, "nul \0 inside"),
-            repository.add_message(room.id, member, "lone surrogate \udc80"),
-            repository.add_message(room.id, member, "after"),
-            return_exceptions=True,
-        )
-        assert isinstance(results[1], ValueError)
-        assert isinstance(results[2], ValueError)
-        assert await history(repository, room.id) == ["before", "after"]
-
-
-async def test_add_message_to_a_missing_room_fails_only_that_caller(
-    repository: PostgresRepository,
-) -> None:
-    async with asyncio.timeout(WAIT):
-        room = await new_room(repository)
-        member = new_member()
-        texts = [f"text {i}" for i in range(30)]
-        results = await asyncio.gather(
-            *(repository.add_message(room.id, member, text) for text in texts[:15]),
-            repository.add_message(uuid4(), member, "nowhere"),
-            *(repository.add_message(room.id, member, text) for text in texts[15:]),
-            return_exceptions=True,
-        )
-        assert isinstance(results.pop(15), RoomNotFound)
-        assert [message.message for message in results] == texts  # type: ignore[union-attr]
-        assert await history(repository, room.id) == texts
-
-
-async def test_a_lone_message_is_stored_whole_or_refused_for_a_missing_room(
-    repository: PostgresRepository,
-) -> None:
-    async with asyncio.timeout(WAIT):
-        room = await new_room(repository)
-        member = new_member("Zoë Ω")
-        stored = await repository.add_message(room.id, member, "alone 🦊")
-        assert (stored.room_id, stored.member_id) == (room.id, member.id)
-        assert (stored.member_name, stored.type, stored.message) == (
-            "Zoë Ω",
-            MessageType.CHAT,
-            "alone 🦊",
-        )
-        assert await repository.list_messages(room.id, Page()) == [stored]
-        with pytest.raises(RoomNotFound):
-            await repository.add_message(uuid4(), member, "nowhere")
+# --- chat messages and prepared statements ---------------------------------------------
 
 
 async def test_a_lone_message_waits_for_a_room_another_writer_holds(
@@ -813,7 +644,7 @@ async def test_the_writers_statements_are_planned_once_per_connection(dsn: str) 
         await repository.add_member(room.id, member, uuid4())
         for i in range(10):
             await repository.add_message(room.id, member, f"message {i}")
-        async with repository._pool.acquire() as connection, connection.cursor() as cursor:
+        async with pooled_cursor(repository) as cursor:
             await cursor.execute(str(statistics))
             plans = dict(await cursor.fetchall())
     assert set(plans) == {
@@ -825,6 +656,25 @@ async def test_the_writers_statements_are_planned_once_per_connection(dsn: str) 
     }
     assert plans["sharechat_lock_room"] > 0
     assert plans["sharechat_insert_message"] > 0
+
+
+async def test_without_prepared_statements_no_session_keeps_any(dsn: str) -> None:
+    """For a pooler in transaction mode: every statement is sent whole."""
+    prepared = sa.table("pg_prepared_statements", sa.column("name"))
+    count = sa.select(sa.func.count()).select_from(prepared).compile(dialect=DIALECT)
+    async with (
+        asyncio.timeout(WAIT),
+        open_postgres_repository(dsn, pool_max=1, prepared_statements=False) as repository,
+    ):
+        room = await new_room(repository)
+        member = new_member()
+        await repository.add_member(room.id, member, uuid4())
+        await asyncio.gather(*(repository.add_message(room.id, member, f"m{i}") for i in range(20)))
+        await repository.remove_member(room.id, member)
+        assert len(await repository.list_messages(room.id, Page())) == 22
+        async with pooled_cursor(repository) as cursor:
+            await cursor.execute(str(count))
+            assert await cursor.fetchall() == [(0,)]
 
 
 async def test_group_commit_stores_concurrent_messages_in_few_transactions(
@@ -953,32 +803,6 @@ async def test_release_lease_forgets_the_instance(repository: PostgresRepository
         assert 110 < (expires - now).total_seconds() <= 120
         await repository.release_lease(instance)
         assert await query(dsn, sa.select(instances.c.id)) == []
-
-
-# --- idle rooms ------------------------------------------------------------------------
-
-
-async def test_idle_rooms_are_deleted_with_everything_in_them(
-    repository: PostgresRepository, dsn: str
-) -> None:
-    async with asyncio.timeout(WAIT):
-        idle, busy, never_joined = [await new_room(repository) for _ in range(3)]
-        member = new_member()
-        await repository.add_member(idle.id, member, uuid4())
-        await repository.add_message(idle.id, member, "soon gone")
-        await repository.remove_member(idle.id, member)
-        await repository.add_member(busy.id, new_member(), uuid4())
-
-        assert await repository.delete_idle_rooms(3600) == []
-        assert sorted(await repository.delete_idle_rooms(0)) == sorted([idle.id, never_joined.id])
-
-        with pytest.raises(RoomNotFound):
-            await repository.get_room(idle.id)
-        assert await repository.get_room(busy.id) == busy
-        for table in (members, messages):
-            in_idle = sa.select(table.c.id).where(table.c.room_id == idle.id)
-            assert await query(dsn, in_idle) == []
-        assert await repository.delete_idle_rooms(0) == []
 
 
 # --- PostgreSQL away -------------------------------------------------------------------

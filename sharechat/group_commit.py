@@ -1,0 +1,214 @@
+"""Group commit: concurrent joins, leaves and chat messages applied together.
+
+The PostgreSQL repository hands every write to one `GroupCommit`. While a
+batch is in flight, new writes queue up and go together in the next one; at
+low load a write goes alone, at once (there is no timer). So a burst costs a
+few commits (fsyncs) and round trips instead of a few per call, and a room's
+messages are numbered in the order the calls were made.
+
+The batching knows nothing of SQL: it is built with the function that applies
+a batch (storing.Store, through PostgresRepository).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import cast
+from uuid import UUID, uuid4
+
+from sharechat.domain import BackendUnavailable, Member, Message, MessageType, RoomNotFound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message about to be stored: everything but `sent` and its number."""
+
+    id: UUID
+    room_id: UUID
+    member: Member
+    type: MessageType
+    text: str
+
+    def stored(self, sent: datetime, number: int) -> Message:
+        return Message(
+            id=self.id,
+            room_id=self.room_id,
+            member_id=self.member.id,
+            member_name=self.member.name,
+            type=self.type,
+            message=self.text,
+            sent=sent.astimezone(UTC),
+            number=number,
+        )
+
+
+def joined(room_id: UUID, member: Member) -> Draft:
+    return Draft(uuid4(), room_id, member, MessageType.JOINED, f"{member.name} joined")
+
+
+def left(room_id: UUID, member: Member) -> Draft:
+    return Draft(uuid4(), room_id, member, MessageType.LEFT, f"{member.name} left")
+
+
+class Kind(enum.Enum):
+    CHAT = enum.auto()
+    JOIN = enum.auto()
+    LEAVE = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One change queued for the writer; `draft` is the message it stores."""
+
+    kind: Kind
+    draft: Draft
+    instance_id: UUID | None = None  # of a joining member
+
+    @property
+    def room_id(self) -> UUID:
+        return self.draft.room_id
+
+    @property
+    def member_id(self) -> UUID:
+        return self.draft.member.id
+
+
+# Applies a batch inside one transaction; returns the messages stored, leaving out
+# the writes to rooms that are gone and the leaves of members gone already.
+Apply = Callable[[list[Write]], Awaitable[list[Message]]]
+_Pending = tuple[Write, asyncio.Future[Message | None]]
+
+
+class GroupCommit:
+    """Applies concurrent writes together: one transaction, one commit per batch.
+
+    A task of its own does the writing, so a caller that is cancelled never
+    cancels the transaction carrying the writes of others. The queue holds one
+    entry per waiting caller, so the callers themselves bound it.
+    """
+
+    def __init__(self, apply: Apply, *, max_batch: int, room_max_messages: int) -> None:
+        self._apply = apply
+        self._max_batch = max_batch
+        self._room_max_messages = room_max_messages
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._writer: asyncio.Task[None] | None = None
+
+    async def join(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
+        """Raises RoomNotFound, BackendUnavailable."""
+        stored = await self._enqueue(Write(Kind.JOIN, joined(room_id, member), instance_id))
+        return cast(Message, stored)  # a join stores its message, or raises
+
+    async def leave(self, room_id: UUID, member: Member) -> Message | None:
+        """None when the member or its room was gone already. Raises BackendUnavailable."""
+        return await self._enqueue(Write(Kind.LEAVE, left(room_id, member)))
+
+    async def say(self, room_id: UUID, member: Member, text: str) -> Message:
+        """Raises RoomNotFound, BackendUnavailable."""
+        draft = Draft(uuid4(), room_id, member, MessageType.CHAT, text)
+        return cast(Message, await self._enqueue(Write(Kind.CHAT, draft)))
+
+    async def drain(self) -> None:
+        """Wait until every queued write is applied or has failed."""
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    def _enqueue(self, write: Write) -> asyncio.Future[Message | None]:
+        future: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
+        self._queue.append((write, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all())
+        return future
+
+    async def _write_all(self) -> None:
+        try:
+            while self._queue:
+                await self._write_batch(self._next_batch())
+        finally:
+            self._writer = None
+
+    def _next_batch(self) -> list[_Pending]:
+        """The oldest writes, in call order, up to `max_batch` or to one that waits for
+        the next batch: a second join or leave of one member (a batch that both added
+        and removed a member would have to know which came first), or a message over
+        `room_max_messages` for one room (a statement cannot delete its own rows)."""
+        batch: list[_Pending] = []
+        changing: set[UUID] = set()
+        room_max = self._room_max_messages
+        in_room: dict[int, int] = {}  # by the room id's int: UUID hashes in Python
+        while self._queue and len(batch) < self._max_batch:
+            write, _ = self._queue[0]
+            if write.kind is not Kind.CHAT:
+                if write.member_id in changing:
+                    break
+                changing.add(write.member_id)
+            if room_max:
+                room = write.draft.room_id.int
+                stored = in_room.get(room, 0)
+                if stored == room_max:
+                    break
+                in_room[room] = stored + 1
+            batch.append(self._queue.popleft())
+        return [(write, future) for write, future in batch if not future.cancelled()]
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        try:
+            stored = {message.id: message for message in await self._apply([w for w, _ in batch])}
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as error:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(_own_copy(error))
+            return
+        for write, future in batch:
+            self._settle(write, future, stored.get(write.draft.id))
+
+    def _settle(
+        self, write: Write, future: asyncio.Future[Message | None], message: Message | None
+    ) -> None:
+        if future.cancelled():  # the caller gave up while its write was in flight
+            if write.kind is Kind.JOIN and message is not None:
+                self._undo(write)
+        elif message is not None or write.kind is Kind.LEAVE:
+            future.set_result(message)
+        else:
+            future.set_exception(RoomNotFound(str(write.room_id)))
+
+    def _undo(self, join: Write) -> None:
+        """A join whose caller gave up once it was stored: nobody will ever remove the
+        member, so it leaves at once. Its `joined` and `left` reach the room like any
+        message nobody published (see Controller._audit_rooms): a stored message is
+        never taken back, so numbers are never reused."""
+        member = join.draft.member
+        leaving = self._enqueue(Write(Kind.LEAVE, left(join.room_id, member)))
+        leaving.add_done_callback(functools.partial(_report_undo, member.id))
+
+
+def _report_undo(member_id: UUID, leaving: asyncio.Future[Message | None]) -> None:
+    error = None if leaving.cancelled() else leaving.exception()
+    if error is not None:
+        log.error("member %s of a cancelled join stays listed: %s", member_id, error)
+
+
+def _own_copy(error: Exception) -> Exception:
+    """One exception object raised in many tasks would mix their tracebacks."""
+    if not isinstance(error, BackendUnavailable):
+        return error
+    copy = BackendUnavailable(*error.args)
+    copy.__cause__ = error.__cause__
+    return copy
+
