@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.backends import Servers
 from bench.plan import Plan, Seat, Tally
 from bench.procfs import Meter, Usage, rss_kib
 from bench.scenarios import Kind, Scenario
@@ -47,29 +48,31 @@ class Raw:
     stale: int  # members still listed STALE_TIMEOUT after every connection closed
 
 
-def run_scenario(sc: Scenario, base_url: str, server_pid: int, processes: int) -> Raw:
+def run_scenario(sc: Scenario, servers: Servers, processes: int) -> Raw:
+    base_url, server_pids = servers.base_urls[0], servers.pids
     room_ids = asyncio.run(create_rooms(base_url, sc.rooms))
-    plans = make_plans(sc, base_url, room_ids, processes)
-    sample = Sample(rss_before_kib=rss_kib(server_pid))
+    plans = make_plans(sc, servers.base_urls, room_ids, processes)
+    sample = Sample(rss_before_kib=rss_kib(server_pids))
     with workers(plans) as conns:
         gather(conns, "spawned")
-        meter, started = Meter(server_pid), time.monotonic()
+        meter, started = Meter(server_pids), time.monotonic()
         broadcast(conns, "connect", None)
         gather(conns, "ready")
         sample.connecting = meter.read()
         sample.connecting_seconds = time.monotonic() - started
         time.sleep(SETTLE_S)
-        sample.rss_connected_kib = rss_kib(server_pid)
+        sample.rss_connected_kib = rss_kib(server_pids)
         t0 = time.monotonic_ns() + START_DELAY_NS
         broadcast(conns, "go", t0)
-        measure(sample, server_pid, t0, t0 + int((sc.warmup + sc.duration) * 1e9))
+        measure(sample, server_pids, t0, t0 + int((sc.warmup + sc.duration) * 1e9))
         sent: dict[int, tuple[int, int]] = {}
         for part in gather(conns, "sent"):
             sent.update(part)
         broadcast(conns, "expect", {idx: n - failed for idx, (n, failed) in sent.items()})
         tallies: list[Tally] = gather(conns, "result")
     seated = [sum(1 for p in plans for seat in p.seats if seat.room == r) for r in range(sc.rooms)]
-    stale = asyncio.run(stale_members(base_url, room_ids, seated))
+    # A crashed server lists nobody: its row says crashed instead.
+    stale = 0 if servers.crashed else asyncio.run(stale_members(base_url, room_ids, seated))
     return Raw(sc, len(plans), tallies, sample, stale)
 
 
@@ -94,11 +97,14 @@ async def stale_members(base_url: str, room_ids: tuple[str, ...], seated: list[i
     async with aiohttp.ClientSession() as session:
 
         async def listed(room_id: str) -> None:
-            async with session.get(f"{base_url}/api/room/{room_id}") as resp:
-                if resp.status == 200:
-                    counts[room_id] = len((await resp.json())["members"])
-                elif resp.status == 404:
-                    counts[room_id] = 0
+            try:
+                async with session.get(f"{base_url}/api/room/{room_id}") as resp:
+                    if resp.status == 200:  # the original lists nobody as `null`
+                        counts[room_id] = len((await resp.json())["members"] or ())
+                    elif resp.status == 404:
+                        counts[room_id] = 0
+            except aiohttp.ClientError:  # a server that died now: its row says crashed
+                pass
 
         while True:
             await asyncio.gather(*(listed(r) for r in room_ids))
@@ -108,19 +114,22 @@ async def stale_members(base_url: str, room_ids: tuple[str, ...], seated: list[i
 
 
 def make_plans(
-    sc: Scenario, base_url: str, room_ids: tuple[str, ...], processes: int
+    sc: Scenario, base_urls: tuple[str, ...], room_ids: tuple[str, ...], processes: int
 ) -> list[Plan]:
-    """Seats dealt round-robin over the processes, so every room spans them."""
-    seats = list(make_seats(sc))
+    """Seats dealt round-robin over the processes and over the server instances, so that
+    every room spans both."""
+    instances = len(base_urls)
+    seats = list(make_seats(sc, instances))
     processes = max(1, min(processes, sc.members if sc.kind is Kind.CHURN else len(seats)))
     room_of = tuple(seat.room for seat in seats)
+    churners = range(sc.members) if sc.kind is Kind.CHURN else range(0)
     return [
         Plan(
-            base_url=base_url,
+            base_urls=base_urls,
             room_ids=room_ids,
             room_of=room_of,
             seats=tuple(seats[p::processes]),
-            churners=len(range(p, sc.members, processes)) if sc.kind is Kind.CHURN else 0,
+            churners=tuple(c % instances for c in churners[p::processes]),
             concurrency=max(1, sc.connect_concurrency // processes),
             warmup_ns=int(sc.warmup * 1e9),
             duration_ns=int(sc.duration * 1e9),
@@ -129,23 +138,30 @@ def make_plans(
     ]
 
 
-def make_seats(sc: Scenario) -> Iterator[Seat]:
+def make_seats(sc: Scenario, instances: int = 1) -> Iterator[Seat]:
+    """Member `idx` connects to instance `idx % instances`: a room's members follow each
+    other, so each room spans min(members, instances) instances."""
     if sc.kind is Kind.CHURN:  # one observer; the churning clients are not seats
-        yield Seat(idx=0, room=0, inflight=0, observer=True)
+        yield Seat(idx=0, room=0, observer=True)
         return
+    period_ns = int(sc.seats * 1e9 / sc.rate) if sc.kind is Kind.OPEN_LOOP else 0
     for room in range(sc.rooms):
         for i in range(sc.members):
             idx = room * sc.members + i
+            instance = idx % instances
             if sc.kind is Kind.CONNECTIONS:  # the first member of each room probes it once
-                yield Seat(idx, room, inflight=1 if i == 0 else 0, limit=1)
+                yield Seat(idx, room, inflight=1 if i == 0 else 0, limit=1, instance=instance)
+            elif sc.kind is Kind.OPEN_LOOP:  # sends spread evenly over the period
+                phase_ns = idx * period_ns // sc.seats
+                yield Seat(idx, room, instance=instance, period_ns=period_ns, phase_ns=phase_ns)
             else:
-                yield Seat(idx, room, inflight=sc.inflight)
+                yield Seat(idx, room, inflight=sc.inflight, instance=instance)
 
 
-def measure(sample: Sample, pid: int, start_ns: int, end_ns: int) -> None:
+def measure(sample: Sample, pids: tuple[int, ...], start_ns: int, end_ns: int) -> None:
     """CPU of the server and of the whole machine from start_ns to end_ns (monotonic)."""
     sleep_until(start_ns)
-    meter = Meter(pid)
+    meter = Meter(pids)
     sleep_until(end_ns)
     sample.sending = meter.read()
     sample.sending_seconds = (end_ns - start_ns) / 1e9
@@ -168,6 +184,8 @@ def workers(plans: list[Plan]) -> Iterator[list[Connection]]:
     try:
         yield [parent for parent, _ in pairs]
     finally:
+        for parent, _ in pairs:  # a process still waiting for an order stops at once
+            parent.close()
         for proc in procs:
             proc.join(timeout=PHASE_TIMEOUT)
             if proc.is_alive():

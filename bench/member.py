@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -79,6 +80,12 @@ class Member:
         self.failed = 0
         self.outstanding = 0
         self.closing = False
+        self.gone = False  # the connection ended: nothing more will arrive
+
+    @property
+    def settled(self) -> bool:
+        """Every message sent was answered, or never will be."""
+        return self.outstanding <= 0 or self.gone
 
     async def pump(self) -> None:
         """Read frames until closed; refill the send window on every ack."""
@@ -90,6 +97,7 @@ class Member:
                         await self.fill()
         except (ConnectionError, RuntimeError):
             pass
+        self.gone = True
         if not self.closing:
             self.tally.errors += 1
 
@@ -100,10 +108,39 @@ class Member:
             and (limit is None or self.sent < limit)
             and time.monotonic_ns() < self.window.end
         ):
-            self.outstanding += 1
-            body = f"{self.seat.idx}:{self.sent}:{time.monotonic_ns()}"
-            self.sent += 1
+            if not await self.send(f"{self.seat.idx}:{self.sent}:{time.monotonic_ns()}"):
+                return
+
+    async def paced(self, t0: int) -> None:
+        """Open loop: send on the seat's schedule until the window ends, whatever comes back.
+
+        Each body carries the time the message was due, not the time it went out, so a
+        late send (a busy generator, a socket that pushes back) counts in the latency
+        instead of hiding it (no coordinated omission); the lateness itself is kept apart.
+        """
+        due = t0 + self.seat.phase_ns
+        while due < self.window.end and not self.gone:
+            now = time.monotonic_ns()
+            if now < due:
+                await asyncio.sleep((due - now) / 1e9)
+                now = time.monotonic_ns()
+            if not await self.send(f"{self.seat.idx}:{self.sent}:{due}"):
+                return
+            if due in self.window:
+                self.tally.lag_us.append((now - due) // 1000)
+            due += self.seat.period_ns
+
+    async def send(self, body: str) -> bool:
+        """Send one message; False if the connection is broken (the pump counts that)."""
+        self.sent += 1
+        self.outstanding += 1  # before the send: its echo may come while it drains
+        try:
             await self.ws.send_str(body)
+        except ConnectionError:
+            self.sent -= 1
+            self.outstanding -= 1
+            return False
+        return True
 
     def on_frame(self, data: str, now: int) -> None:
         msg = orjson.loads(data)
@@ -135,7 +172,8 @@ class Member:
 
     def received_all(self, senders: Sequence[int], expected: dict[int, int]) -> bool:
         return all(
-            self.pairs[s].distinct >= expected[s] if s in self.pairs else expected[s] == 0
+            # A sender that never connected is not in `expected`: nothing to wait for.
+            self.pairs[s].distinct >= expected.get(s, 0) if s in self.pairs else not expected.get(s)
             for s in senders
         )
 

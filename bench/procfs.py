@@ -5,45 +5,61 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def rss_kib(pids: Sequence[int]) -> int:
+    """Resident set size of the processes together, in KiB (0 for one that is gone)."""
+    return sum(_rss_kib(pid) for pid in pids)
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # exited: a crashed server is reported as such, not here
+        return 0
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return 0  # a zombie has no VmRSS
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds a process has used."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+def process_cpu(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes have used together (0 for one that is gone)."""
+    return sum(_process_cpu(pid) for pid in pids)
+
+
+def _process_cpu(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
     fields = stat.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 @dataclass(frozen=True)
 class Usage:
-    """CPU seconds used by the server and by the whole machine over some interval."""
+    """CPU seconds used by the server (all its instances) and by the whole machine."""
 
     server: float = 0.0
     machine: float = 0.0
 
 
 class Meter:
-    """Counts the CPU the server and the machine use from its creation on."""
+    """Counts the CPU the server's processes and the machine use from its creation on."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.server = process_cpu(pid)
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = pids
+        self.server = process_cpu(pids)
         self.machine = machine_cpu()[0]
 
     def read(self) -> Usage:
-        return Usage(process_cpu(self.pid) - self.server, machine_cpu()[0] - self.machine)
+        return Usage(process_cpu(self.pids) - self.server, machine_cpu()[0] - self.machine)
 
 
 def machine_cpu() -> tuple[float, float]:

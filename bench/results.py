@@ -17,12 +17,18 @@ class Result:
     backend: str
     acked_per_s: float = 0.0
     deliveries_per_s: float = 0.0
+    instances: int = 1  # servers on one database and one Redis
+    offered_per_s: float | None = None  # open loop: messages a second sent on schedule
     p50_ms: float | None = None  # send -> receipt by the other members (churn: join time)
+    p90_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None
     max_ms: float | None = None
     ack_p50_ms: float | None = None  # send -> own echo
+    ack_p90_ms: float | None = None
     ack_p99_ms: float | None = None
+    ack_max_ms: float | None = None
+    lag_p99_ms: float | None = None  # open loop: how late the generator sent (due -> sent)
     failed: int = 0
     lost: int = 0
     duplicated: int = 0
@@ -45,12 +51,30 @@ class Result:
     commit: str = ""  # of the server code, when it was started
     error: str = ""
 
+    @property
+    def label(self) -> str:
+        """The row's name in the tables: the backend, and its instance count when several."""
+        return self.backend if self.instances == 1 else f"{self.backend} x{self.instances}"
 
-def summarize(raw: Raw, backend: str) -> Result:
+    @property
+    def worst_p99_ms(self) -> float | None:
+        """The later of the sender's (ack) and the other members' (delivery) p99."""
+        known = [v for v in (self.ack_p99_ms, self.p99_ms) if v is not None]
+        return max(known) if known else None
+
+    @property
+    def clean(self) -> bool:
+        """Nothing lost, duplicated, reordered, cross-room or stale; no crash, no error."""
+        counts = (self.lost, self.duplicated, self.reordered, self.cross_room, self.stale)
+        return not any(counts) and not self.crashed and not self.error
+
+
+def summarize(raw: Raw, backend: str, instances: int = 1) -> Result:
     sc, tallies = raw.scenario, raw.tallies
     result = Result(
         sc.name,
         backend,
+        instances=instances,
         processes=raw.processes,
         connected=sum(t.connected for t in tallies),
         errors=sum(t.errors for t in tallies),
@@ -67,6 +91,9 @@ def summarize(raw: Raw, backend: str) -> Result:
         )
     if sc.kind is Kind.CHURN:
         result.joins_per_s = sum(t.joins for t in tallies) / sc.duration
+    if sc.kind is Kind.OPEN_LOOP:
+        result.offered_per_s = sc.rate
+        result.lag_p99_ms = percentile(sorted(chain.from_iterable(t.lag_us for t in tallies)), 99)
     return result
 
 
@@ -79,11 +106,13 @@ def add_latency(result: Result, raw: Raw) -> None:
     latencies = sorted(
         chain.from_iterable(t.join_us if sc.kind is Kind.CHURN else t.delivery_us for t in tallies)
     )
-    result.p50_ms, result.p95_ms, result.p99_ms, result.max_ms = (
-        percentile(latencies, q) for q in (50, 95, 99, 100)
+    result.p50_ms, result.p90_ms, result.p95_ms, result.p99_ms, result.max_ms = (
+        percentile(latencies, q) for q in (50, 90, 95, 99, 100)
     )
     acked = sorted(chain.from_iterable(t.ack_us for t in tallies))
-    result.ack_p50_ms, result.ack_p99_ms = percentile(acked, 50), percentile(acked, 99)
+    result.ack_p50_ms, result.ack_p90_ms, result.ack_p99_ms, result.ack_max_ms = (
+        percentile(acked, q) for q in (50, 90, 99, 100)
+    )
 
 
 def add_cpu(result: Result, usage: Usage, client_seconds: list[float], wall: float) -> None:

@@ -1,7 +1,7 @@
 """Benchmark sharechat: start it on each backend, drive each scenario, report.
 
-python -m bench.run [--backends memory,postgres,postgres+redis,bare]
-                    [--scenarios latency,throughput,...] [--quick]
+python -m bench.run [--backends original,memory,postgres,postgres+redis,bare]
+                    [--scenarios latency,throughput,...] [--quick] [--instances N]
 """
 
 from __future__ import annotations
@@ -14,13 +14,26 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from bench.backends import BACKENDS, ROOT, Backend, running
+from bench.backends import (
+    BACKENDS,
+    ORIGINAL_DIR,
+    REDIS_URL,
+    ROOT,
+    Backend,
+    Program,
+    Setup,
+    original_binary,
+    running,
+)
 from bench.driver import run_scenario
 from bench.procfs import raise_fd_limit, wait_quiet
 from bench.report import load_json, markdown, plot, save_json
 from bench.results import Result, summarize
 from bench.scenarios import NAMES, Scenario, select
+from bench.spread import spread
+from bench.targets import judge
 
 RESULTS = ROOT / "bench" / "results"
 PLOT = ROOT / "docs" / "bench.png"
@@ -33,12 +46,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--backends", default=",".join(BACKENDS), type=names(list(BACKENDS)))
+    parser.add_argument(
+        "--backends",
+        type=names(list(BACKENDS)),
+        help=f"default: all ({','.join(BACKENDS)}); with --instances, those with Redis",
+    )
     parser.add_argument("--scenarios", default=",".join(NAMES), type=names(list(NAMES)))
     parser.add_argument("--quick", action="store_true", help="~3 s per scenario, smoke test")
     parser.add_argument("--duration", type=float, help="seconds measured per scenario")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per scenario")
     parser.add_argument("--processes", type=int, default=2, help="load-generating processes")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="servers per cell on one database and one Redis, members dealt round-robin "
+        "(backends with Redis only: postgres+redis, original)",
+    )
+    parser.add_argument(
+        "--redis-url", default=REDIS_URL, help="sharechat's REDIS_URL (env BENCH_REDIS_URL)"
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        type=assignment,
+        help="a setting for every sharechat server (repeatable), e.g. SHARECHAT_DB_POOL_SIZE=20",
+    )
+    parser.add_argument(
+        "--original",
+        type=Path,
+        default=ORIGINAL_DIR,
+        help="folder of the original Go server (env BENCH_ORIGINAL_DIR); its row is skipped "
+        "when the binary is not there",
+    )
     parser.add_argument(
         "--quiet-wait",
         type=float,
@@ -53,11 +95,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run nothing: table and plot from saved records (a later one wins per row)",
     )
     parser.add_argument(
+        "--spread",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: median and range of each figure over repeated runs' records, "
+        "and how many of them met each target",
+    )
+    parser.add_argument(
         "--plot",
         type=Path,
         help=f"PNG path (default {PLOT}; with --quick, next to the JSON record)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    redis_backends = [b for b in BACKENDS if BACKENDS[b].redis]
+    if args.instances < 1:
+        parser.error("--instances: at least 1")
+    if args.backends is None:
+        args.backends = redis_backends if args.instances > 1 else list(BACKENDS)
+    elif args.instances > 1 and set(args.backends) - set(redis_backends):
+        parser.error(f"--instances {args.instances}: choose backends among {redis_backends}")
+    return args
+
+
+def assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def names(allowed: list[str]) -> Any:
@@ -76,61 +141,100 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         report(args.report, args.plot or PLOT)
         return
+    if args.spread:
+        print(spread([load_json(path)[1] for path in args.spread]))
+        return
     raise_fd_limit()
     scenarios = select(args.scenarios, args.quick, args.duration, args.warmup)
+    setup = Setup(args.instances, args.redis_url, dict(args.server_env), args.original)
+    backends = [BACKENDS[b] for b in args.backends]
+    if BACKENDS["original"] in backends and original_binary(setup) is None:
+        print(
+            f"original: no {setup.original_dir / 'sharechat'}: its rows are skipped",
+            file=sys.stderr,
+        )
+        backends.remove(BACKENDS["original"])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = [
-        bench(BACKENDS[b], sc, args, RESULTS / f"{stamp}-{b}-{sc.name}.log")
-        for b in args.backends
+        bench(backend, sc, setup, args, RESULTS / f"{stamp}-{backend.name}-{sc.name}.log")
+        for backend in backends
         for sc in scenarios
     ]
-    commit = ", ".join(dict.fromkeys(r.commit for r in results))
-    print(f"\n## sharechat {commit}, {os.cpu_count()} cores\n\n{markdown(results)}")
+    if not results:
+        return
+    verdicts = judge(results)
+    commit = ", ".join(dict.fromkeys(r.commit for r in results if r.commit))
+    print(f"\n## {title(commit, args.instances)}\n\n{markdown(results, verdicts)}")
     meta = {
         "timestamp": stamp,
         "commit": commit,
         "quick": args.quick,
         "processes": args.processes,
+        "instances": args.instances,
+        "redis_url": without_credentials(args.redis_url),
         "scenarios": [vars(sc) for sc in scenarios],
     }
-    save_json(RESULTS / f"{stamp}.json", meta, results)
+    save_json(RESULTS / f"{stamp}.json", meta, results, verdicts)
     plot_path = args.plot or (RESULTS / f"{stamp}.png" if args.quick else PLOT)
-    plot(plot_path, results, f"sharechat {commit} — {stamp}{' (quick)' if args.quick else ''}")
+    quick = " (quick)" if args.quick else ""
+    plot(plot_path, results, f"{title(commit, args.instances)} — {stamp}" + quick)
     print(f"\nsaved {RESULTS / f'{stamp}.json'} and {plot_path}", file=sys.stderr)
 
 
 def report(paths: list[Path], plot_path: Path) -> None:
     """Merge saved records: one row per scenario and backend, the latest file winning."""
-    rows: dict[tuple[str, str], Result] = {}
+    rows: dict[tuple[str, str, int], Result] = {}
     commits: list[str] = []
     for path in paths:
-        meta, results = load_json(path)
-        commits.extend(r.commit or meta["commit"] for r in results)
-        rows.update({(r.scenario, r.backend): r for r in results})
-    title = f"sharechat {', '.join(dict.fromkeys(commits))}"
-    print(f"## {title}, {os.cpu_count()} cores\n\n{markdown(list(rows.values()))}")
-    plot(plot_path, list(rows.values()), title)
+        _, results = load_json(path)
+        commits.extend(r.commit for r in results if r.commit)
+        rows.update({(r.scenario, r.backend, r.instances): r for r in results})
+    merged = list(rows.values())
+    heading = title(", ".join(dict.fromkeys(commits)), max(r.instances for r in merged))
+    print(f"## {heading}\n\n{markdown(merged, judge(merged))}")
+    plot(plot_path, merged, heading)
     print(f"\nsaved {plot_path}", file=sys.stderr)
 
 
-def bench(backend: Backend, sc: Scenario, args: argparse.Namespace, log_path: Path) -> Result:
-    """One scenario on a freshly started server; a failure becomes a row, not an abort."""
-    print(f"{backend.name} / {sc.name} ...", end=" ", file=sys.stderr, flush=True)
+def without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return parts._replace(netloc=host).geturl()
+
+
+def title(commit: str, instances: int) -> str:
+    where = f"{os.cpu_count()} cores"
+    return f"sharechat {commit}, {where}" + (f", {instances} instances" if instances > 1 else "")
+
+
+def bench(
+    backend: Backend, sc: Scenario, setup: Setup, args: argparse.Namespace, log_path: Path
+) -> Result:
+    """One scenario on freshly started servers; a failure becomes a row, not an abort."""
+    instances = setup.instances if backend.redis else 1
+    label = backend.name + (f" x{instances}" if instances > 1 else "")
+    print(f"{label} / {sc.name} ...", end=" ", file=sys.stderr, flush=True)
     background = wait_quiet(QUIET_CORES, args.quiet_wait)
     if background >= QUIET_CORES:
         print(f"(machine busy: {background:.2f} cores)", end=" ", file=sys.stderr, flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    commit = server_commit()
+    commit = "" if backend.program is Program.ORIGINAL else server_commit()
+    crashed = False
     with log_path.open("wb") as log:
         try:
-            with running(backend, log) as server:
-                result = summarize(
-                    run_scenario(sc, server.base_url, server.pid, args.processes), backend.name
-                )
-                result.crashed = server.crashed
+            with running(backend, setup, log) as servers:
+                try:
+                    raw = run_scenario(sc, servers, args.processes)
+                finally:
+                    crashed = servers.crashed
+            result = summarize(raw, backend.name, instances)
         except Exception as exc:  # reported in the table and the log
             log.write(traceback.format_exc().encode())
-            result = Result(sc.name, backend.name, error=f"{type(exc).__name__}: {exc}")
+            error = "" if crashed else f"{type(exc).__name__}: {exc}"
+            result = Result(sc.name, backend.name, instances=instances, error=error)
+    result.crashed = crashed
+    if crashed:  # the memory of a process that is gone says nothing
+        result.kib_per_conn = None
     result.background_cpu = background
     result.commit = commit
     print("crashed" if result.crashed else result.error or "done", file=sys.stderr)

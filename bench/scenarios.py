@@ -1,4 +1,4 @@
-"""The scenarios of issue 5, with their full and `--quick` sizes."""
+"""The scenarios, with their full and `--quick` sizes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from enum import StrEnum
 
 class Kind(StrEnum):
     CHAT = "chat"  # members send with a window of messages in flight
+    OPEN_LOOP = "open-loop"  # members send on a fixed schedule, whatever comes back
     CONNECTIONS = "connections"  # idle members; one probe message per room
     CHURN = "churn"  # clients join, wait for their own `joined`, leave, again
 
@@ -18,10 +19,12 @@ class Scenario:
     kind: Kind
     rooms: int
     members: int  # per room; for churn, the number of concurrent churning clients
-    inflight: int  # per member
+    inflight: int = 0  # per member, for chat
+    rate: float = 0.0  # messages a second over all members, for open loop
     duration: float = 10.0  # seconds measured, after the warm-up
     warmup: float = 2.0
     connect_concurrency: int = 100  # connections being opened at once, over all processes
+    headline: tuple[str, str] = ("acked_per_s", "acked/s")  # in the plot: Result field, header
 
     @property
     def seats(self) -> int:
@@ -31,12 +34,27 @@ class Scenario:
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("latency", Kind.CHAT, rooms=1, members=2, inflight=1),
     Scenario("throughput", Kind.CHAT, rooms=10, members=10, inflight=4),
-    Scenario("big-room", Kind.CHAT, rooms=1, members=100, inflight=1),
-    Scenario("many-rooms", Kind.CHAT, rooms=100, members=2, inflight=8),
     Scenario(
-        "connections", Kind.CONNECTIONS, rooms=50, members=100, inflight=0, duration=2.0, warmup=0.0
+        "big-room",
+        Kind.CHAT,
+        rooms=1,
+        members=100,
+        inflight=1,
+        headline=("deliveries_per_s", "deliveries/s"),
     ),
-    Scenario("churn", Kind.CHURN, rooms=1, members=20, inflight=0),
+    Scenario("many-rooms", Kind.CHAT, rooms=100, members=2, inflight=8),
+    Scenario("open-loop-2000", Kind.OPEN_LOOP, rooms=100, members=2, rate=2000),
+    Scenario("open-loop-5000", Kind.OPEN_LOOP, rooms=100, members=2, rate=5000),
+    Scenario(
+        "connections",
+        Kind.CONNECTIONS,
+        rooms=50,
+        members=100,
+        duration=2.0,
+        warmup=0.0,
+        headline=("connects_per_s", "connects/s"),
+    ),
+    Scenario("churn", Kind.CHURN, rooms=1, members=20, headline=("joins_per_s", "joins/s")),
 )
 NAMES = tuple(s.name for s in SCENARIOS)
 

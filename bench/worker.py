@@ -57,7 +57,7 @@ class Worker:
             start = t0 + self.plan.warmup_ns
             window = Window(start, start + self.plan.duration_ns)
             await self.drive(session, t0, window)
-            await until(lambda: all(m.outstanding <= 0 for m in self.members), DRAIN_TIMEOUT)
+            await until(lambda: all(m.settled for m in self.members), DRAIN_TIMEOUT)
             self.conn.send(("sent", {m.seat.idx: (m.sent, m.failed) for m in self.members}))
             expected: dict[int, int] = await self.recv("expect")
             await until(lambda: self.received_all(expected), DRAIN_TIMEOUT)
@@ -82,7 +82,7 @@ class Worker:
     ) -> None:
         async with gate:
             try:
-                ws = await session.ws_connect(self.plan.serve_url(seat.room))
+                ws = await session.ws_connect(self.plan.serve_url(seat.room, seat.instance))
                 first = await ws.receive(timeout=JOIN_TIMEOUT)
                 joined = orjson.loads(first.data)
             except (aiohttp.ClientError, ConnectionError, TimeoutError, TypeError, ValueError):
@@ -105,17 +105,22 @@ class Worker:
         await asyncio.sleep(max(0, t0 - time.monotonic_ns()) / 1e9)
         cpu = own_cpu()
         churners = [
-            churn(session, self.plan.serve_url(0), window, self.tally)
-            for _ in range(self.plan.churners)
+            churn(session, self.plan.serve_url(0, instance), window, self.tally)
+            for instance in self.plan.churners
         ]
-        await asyncio.gather(*(m.fill() for m in self.members), *churners)
+        senders = [m.paced(t0) if m.seat.period_ns else m.fill() for m in self.members]
+        await asyncio.gather(*senders, *churners)
         await asyncio.sleep(max(0, window.end - time.monotonic_ns()) / 1e9)
         self.tally.cpu_seconds = own_cpu() - cpu
 
     def received_all(self, expected: dict[int, int]) -> bool:
+        """Every member has all it should, or its connection is gone (it never will)."""
         return all(
-            m.received_all(self.room_members[m.seat.room], expected)
-            and (m.presence is None or m.presence.unmatched == 0)
+            m.gone
+            or (
+                m.received_all(self.room_members[m.seat.room], expected)
+                and (m.presence is None or m.presence.unmatched == 0)
+            )
             for m in self.members
         )
 

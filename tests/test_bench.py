@@ -1,0 +1,123 @@
+"""The benchmark's own logic that needs no server: how seats are dealt and scheduled,
+how targets are judged, which backends a multi-instance run takes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import pairwise
+
+import pytest
+
+from bench.driver import make_plans, make_seats
+from bench.results import Result
+from bench.run import parse_args
+from bench.scenarios import SCENARIOS
+from bench.spread import spread
+from bench.targets import Status, judge
+
+MANY_ROOMS = next(s for s in SCENARIOS if s.name == "many-rooms")
+OPEN_LOOP = next(s for s in SCENARIOS if s.name == "open-loop-5000")
+CHURN = next(s for s in SCENARIOS if s.name == "churn")
+
+
+@pytest.mark.parametrize("instances", [2, 3])
+def test_every_room_spans_the_instances(instances: int) -> None:
+    rooms: defaultdict[int, set[int]] = defaultdict(set)
+    for seat in make_seats(MANY_ROOMS, instances):
+        rooms[seat.room].add(seat.instance)
+    assert len(rooms) == MANY_ROOMS.rooms
+    assert all(len(spanned) == min(MANY_ROOMS.members, instances) for spanned in rooms.values())
+
+
+def test_churning_clients_are_dealt_over_the_instances() -> None:
+    plans = make_plans(CHURN, ("http://a", "http://b"), ("room",), processes=2)
+    churners = [instance for plan in plans for instance in plan.churners]
+    assert len(churners) == CHURN.members
+    assert churners.count(0) == churners.count(1) == CHURN.members // 2
+
+
+def test_open_loop_offers_the_rate_spread_evenly_over_the_period() -> None:
+    seats = list(make_seats(OPEN_LOOP))
+    period = seats[0].period_ns
+    assert all(seat.period_ns == period and seat.inflight == 0 for seat in seats)
+    assert len(seats) * 1e9 / period == pytest.approx(OPEN_LOOP.rate)
+    phases = sorted(seat.phase_ns for seat in seats)
+    gaps = {b - a for a, b in pairwise(phases)}
+    assert max(gaps) - min(gaps) <= 1
+    assert phases[-1] < period
+
+
+def row(scenario: str, backend: str, **figures: object) -> Result:
+    return Result(scenario, backend, **figures)  # type: ignore[arg-type]
+
+
+def verdict(rows: list[Result], target: str) -> tuple[Status, str]:
+    found = [v for v in judge(rows) if v.target == target]
+    assert len(found) == 1, found
+    return found[0].status, found[0].detail
+
+
+def test_a_ratio_target_is_judged_against_the_original_of_the_same_run() -> None:
+    target = "acked/s ≥ 1.5x original"
+    original = row("latency", "original", acked_per_s=1000.0)
+    assert verdict([original, row("latency", "postgres+redis", acked_per_s=1500.0)], target) == (
+        Status.MET,
+        "1,500 vs 1,000: 1.50x",
+    )
+    slow = row("latency", "postgres+redis", acked_per_s=1400.0)
+    assert verdict([original, slow], target)[0] is Status.MISSED
+    assert verdict([slow], target) == (Status.UNJUDGED, "no original row in this run")
+    crashed = row("latency", "original", acked_per_s=1000.0, crashed=True)
+    assert verdict([crashed, slow], target)[0] is Status.UNJUDGED
+
+
+def test_a_ratio_is_taken_between_rows_of_the_same_instance_count() -> None:
+    target = "acked/s ≥ 20x original"
+    rows = [
+        row("throughput", "original", acked_per_s=100.0, instances=1),
+        row("throughput", "original", acked_per_s=1000.0, instances=2),
+        row("throughput", "postgres+redis", acked_per_s=3000.0, instances=2),
+    ]
+    assert verdict(rows, target) == (Status.MISSED, "3,000 vs 1,000: 3.00x")
+
+
+def test_an_absolute_target_reads_the_later_of_ack_and_delivery_p99() -> None:
+    target = "p99 ms (ack and delivery) ≤ 5"
+    met = row("open-loop-2000", "postgres+redis", p99_ms=4.0, ack_p99_ms=4.5)
+    assert verdict([met], target) == (Status.MET, "4.50")
+    late_echo = row("open-loop-2000", "postgres+redis", p99_ms=4.0, ack_p99_ms=6.0)
+    assert verdict([late_echo], target)[0] is Status.MISSED
+    crashed = row("open-loop-2000", "postgres+redis", p99_ms=1.0, crashed=True)
+    assert verdict([crashed], target) == (Status.MISSED, "crashed")
+
+
+def test_delivery_checks_judge_sharechat_rows_and_leave_the_references_out() -> None:
+    target = "0 lost, duplicated, reordered, cross-room, stale"
+    references = [row("churn", "original", stale=3), row("churn", "bare", lost=1)]
+    clean = [row("churn", "memory"), row("churn", "postgres+redis")]
+    assert verdict(references + clean, target) == (Status.MET, "")
+    dirty = [row("churn", "memory"), row("churn", "postgres+redis", lost=2, stale=1)]
+    assert verdict(references + dirty, target) == (
+        Status.MISSED,
+        "postgres+redis: 2 lost, 1 stale",
+    )
+
+
+def test_several_instances_take_the_backends_that_share_through_redis() -> None:
+    assert parse_args(["--instances", "2"]).backends == ["original", "postgres+redis"]
+    assert parse_args([]).backends == ["original", "memory", "postgres", "postgres+redis", "bare"]
+    with pytest.raises(SystemExit):
+        parse_args(["--instances", "2", "--backends", "memory"])
+
+
+def test_spread_gives_the_median_and_range_and_counts_runs_that_met_a_target() -> None:
+    runs = [
+        [
+            row("latency", "original", acked_per_s=1000.0),
+            row("latency", "postgres+redis", acked_per_s=acked),
+        ]
+        for acked in (1600.0, 1400.0, 2000.0)
+    ]
+    text = spread(runs)
+    assert "| latency | postgres+redis | 3 | 1,600 (1,400-2,000) |" in text
+    assert "latency: postgres+redis: acked/s ≥ 1.5x original: met in 2 of 3 runs" in text
