@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from uuid import UUID, uuid4
 
 from aiohttp import web
@@ -48,8 +48,12 @@ def create_app(config: Config, instance_id: UUID | None = None) -> web.Applicati
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(metrics.watching_event_loop())
             startup = StartupDeadline(config.startup_timeout)
-            repository = await stack.enter_async_context(open_repository(config, startup))
-            queue = await stack.enter_async_context(open_queue(config, instance))
+            repository = await stack.enter_async_context(
+                open_repository(config, startup, on_batch=metrics.commit_batch_size.observe)
+            )
+            queue = await stack.enter_async_context(
+                open_queue(config, instance, on_canary_missed=metrics.queue_canary_misses.inc)
+            )
             clock = DeliveryClock(metrics)
             repository = measured_repository(repository, metrics, clock)
             queue = measured_queue(queue, metrics, clock)
@@ -80,9 +84,11 @@ def describe_backends(config: Config) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_repository(config: Config, startup: StartupDeadline) -> AsyncIterator[Repository]:
+async def open_repository(
+    config: Config, startup: StartupDeadline, on_batch: Callable[[int], None] | None = None
+) -> AsyncIterator[Repository]:
     """The repository; PostgreSQL migrated (unless --no-migrate) and answering, waited for
-    up to the start-up deadline."""
+    up to the start-up deadline. `on_batch`: told each group commit's size."""
     database_url = config.database_url
     if not database_url:
         yield MemoryRepository(room_max_messages=config.room_max_messages)
@@ -104,6 +110,7 @@ async def open_repository(config: Config, startup: StartupDeadline) -> AsyncIter
             timeout=config.backend_timeout,
             room_max_messages=config.room_max_messages,
             prepared_statements=config.db_prepared_statements,
+            on_batch=on_batch,
         )
 
     async with contextlib.AsyncExitStack() as stack:
@@ -111,9 +118,12 @@ async def open_repository(config: Config, startup: StartupDeadline) -> AsyncIter
 
 
 @contextlib.asynccontextmanager
-async def open_queue(config: Config, instance_id: UUID) -> AsyncIterator[Queue]:
+async def open_queue(
+    config: Config, instance_id: UUID, on_canary_missed: Callable[[], None] | None = None
+) -> AsyncIterator[Queue]:
     """The queue. Not waited for: the Redis queue connects (and reconnects) by itself,
-    and until it does readiness answers 503 with the reason."""
+    and until it does readiness answers 503 with the reason. `on_canary_missed`: told
+    each time Redis's subscription is found stalled."""
     if not config.redis_url:
         yield MemoryQueue()
         return
@@ -125,5 +135,6 @@ async def open_queue(config: Config, instance_id: UUID) -> AsyncIterator[Queue]:
         instance_id=instance_id,
         ssl_ca_certs=config.redis_ssl_ca_certs,
         ssl_cert_reqs=config.redis_ssl_cert_reqs,
+        on_canary_missed=on_canary_missed,
     ) as queue:
         yield queue

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from sharechat.app import create_app
 from sharechat.config import Config
+from sharechat.instrumented import DeliveryClock, measured_queue
+from sharechat.metrics import Metrics
+from sharechat.redis_queue import open_redis_queue
 from tests.conftest import Chat
 from tests.helpers import WAIT, eventually, free_port, receive_json, receive_until
-from tests.redis_support import redis_server, unique_prefix
+from tests.redis_support import StallingProxy, redis_server, unique_prefix
 from tests.servers import clean_environ, running, serve_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,3 +269,40 @@ async def test_each_failed_is_counted_under_its_reason(start_server: Any) -> Non
         assert value(text, "sharechat_failed_total", reason=reason) == 1, reason
     assert value(text, "sharechat_failed_total", reason="other") == 0
     await ws.close()
+
+
+@pytest.mark.services
+async def test_a_stalled_subscription_counts_a_canary_miss_and_a_reconnect(
+    tmp_path: Path,
+) -> None:
+    """Redis's own canary, quickened: a pub/sub connection gone silent is one miss, then
+    one recovery (the queue as the app wraps it)."""
+    metrics = Metrics()
+    with redis_server(tmp_path) as redis:
+        proxy = StallingProxy(redis.port)
+        await proxy.start()
+        try:
+            async with open_redis_queue(
+                proxy.url,
+                prefix=unique_prefix("canary"),
+                instance_id=uuid4(),
+                canary_interval=0.1,
+                on_canary_missed=metrics.queue_canary_misses.inc,
+            ) as inner:
+                queue = measured_queue(inner, metrics, DeliveryClock(metrics))
+                queue.on_message(lambda room, payload: None)
+                queue.on_recovered(lambda: None)
+                async with asyncio.timeout(WAIT):
+                    await queue.subscribe(uuid4())
+                assert proxy.stall_subscribers() == 1
+
+                def counted(name: str) -> float:
+                    return value(generate_latest(metrics.registry).decode(), name)
+
+                async def recovered() -> bool:
+                    return counted("sharechat_queue_reconnects_total") == 1
+
+                await eventually(recovered, wait=RECOVERY)
+                assert counted("sharechat_queue_canary_misses_total") == 1
+        finally:
+            await proxy.close()
