@@ -25,5 +25,5 @@ WORKDIR /tmp
 USER sharechat
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/api/healthz' % os.environ.get('PORT', '8080'), timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/api/livez' % os.environ.get('PORT', '8080'), timeout=2)"]
 CMD ["sharechat", "serve"]

@@ -61,10 +61,9 @@ def _tune_garbage_collector() -> None:
 
     A busy server allocates a task, futures and messages per chat message; at the
     default threshold (700) the collector runs hundreds of times a second and
-    now and then walks the whole heap, holding every room up for milliseconds.
-    Measured with the benchmark (many rooms, PostgreSQL + Redis): p99 170-200 ms
-    -> 129-135 ms at 15-16k -> 18k acked/s. Little garbage here is cyclic, so
-    memory stays flat.
+    now and then walks the whole heap, holding every room up for milliseconds
+    (the README's Architecture section gives the measurement). Little garbage
+    here is cyclic, so memory stays flat.
     """
     gc.collect()
     gc.freeze()
@@ -88,7 +87,7 @@ async def _run_until_signalled(config: settings.Config, instance: UUID) -> int:
     """
     from aiohttp import web
 
-    from sharechat.app import SHUTDOWN_GRACE, create_app
+    from sharechat.app import SHUTDOWN_GRACE, create_app, drain
     from sharechat.http_server import HttpRunner
     from sharechat.metrics import METRICS, metrics_app
     from sharechat.migrations import MigrationError
@@ -138,6 +137,7 @@ async def _run_until_signalled(config: settings.Config, instance: UUID) -> int:
             await web.TCPSite(metrics, config.host, config.metrics_port).start()
             log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
         await stop.wait()
+        await drain(runner.app)  # still listening: the probes see the instance draining
     finally:
         for each in runners:
             await each.cleanup()

@@ -16,6 +16,7 @@ from sharechat import web as routes
 from sharechat.budgets import Budgets
 from sharechat.config import Config
 from sharechat.controller import Controller
+from sharechat.health import Health
 from sharechat.instrumented import DeliveryClock, measured_queue, measured_repository
 from sharechat.memory import MemoryQueue, MemoryRepository
 from sharechat.ports import Queue, Repository
@@ -57,21 +58,34 @@ def create_app(config: Config, instance_id: UUID | None = None) -> web.Applicati
             clock = DeliveryClock(metrics)
             repository = measured_repository(repository, metrics, clock)
             queue = measured_queue(queue, metrics, clock)
-            controller = Controller(repository, queue, config, instance, refusals)
+            controller = Controller(
+                repository, queue, config, instance, refusals,
+                on_failed=metrics.failed_message,
+                on_delivered=metrics.messages_delivered.inc,
+            )  # fmt: skip
+            metrics.rooms_live.set_function(lambda: controller.live_rooms)
             await stack.enter_async_context(controller.running())
             app[routes.CONTROLLER] = controller
+            app[routes.HEALTH] = Health(repository, queue)
             log.info("instance %s ready: %s", instance, describe_backends(config))
             yield
 
     app.cleanup_ctx.append(chat)
-    app.on_shutdown.append(_say_goodbye)
+    app.on_shutdown.append(drain)
     routes.setup_routes(app)
     monitoring.add_route(app, config.metrics_port, config.metrics_allow_ips)
     return app
 
 
-async def _say_goodbye(app: web.Application) -> None:
-    """Close every websocket with 1001 and let each member's `left` be recorded."""
+async def drain(app: web.Application) -> None:
+    """Leave the traffic, from SIGTERM on: readyz answers 503 at once and no member
+    joins; every websocket is closed with 1001 and each member's `left` recorded.
+
+    `sharechat serve` runs it while the server still answers HTTP, so that the
+    probes see the drain; the app's shutdown runs it again, which costs nothing
+    then and covers runners that do not drain first.
+    """
+    app[routes.HEALTH].draining = True
     await app[routes.CONTROLLER].close_all("server shutting down", SHUTDOWN_GRACE)
 
 

@@ -19,44 +19,13 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import cast
-from uuid import UUID, uuid4
+from uuid import UUID
 
-from sharechat.domain import BackendUnavailable, Member, Message, MessageType, RoomNotFound
+from sharechat import domain
+from sharechat.domain import BackendUnavailable, Draft, Member, Message, RoomNotFound
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Draft:
-    """A message about to be stored: everything but `sent` and its number."""
-
-    id: UUID
-    room_id: UUID
-    member: Member
-    type: MessageType
-    text: str
-
-    def stored(self, sent: datetime, number: int) -> Message:
-        return Message(
-            id=self.id,
-            room_id=self.room_id,
-            member_id=self.member.id,
-            member_name=self.member.name,
-            type=self.type,
-            message=self.text,
-            sent=sent.astimezone(UTC),
-            number=number,
-        )
-
-
-def joined(room_id: UUID, member: Member) -> Draft:
-    return Draft(uuid4(), room_id, member, MessageType.JOINED, f"{member.name} joined")
-
-
-def left(room_id: UUID, member: Member) -> Draft:
-    return Draft(uuid4(), room_id, member, MessageType.LEFT, f"{member.name} left")
 
 
 class Kind(enum.Enum):
@@ -105,16 +74,16 @@ class GroupCommit:
 
     async def join(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
         """Raises RoomNotFound, BackendUnavailable."""
-        stored = await self._enqueue(Write(Kind.JOIN, joined(room_id, member), instance_id))
+        stored = await self._enqueue(Write(Kind.JOIN, domain.joined(room_id, member), instance_id))
         return cast(Message, stored)  # a join stores its message, or raises
 
     async def leave(self, room_id: UUID, member: Member) -> Message | None:
         """None when the member or its room was gone already. Raises BackendUnavailable."""
-        return await self._enqueue(Write(Kind.LEAVE, left(room_id, member)))
+        return await self._enqueue(Write(Kind.LEAVE, domain.left(room_id, member)))
 
     async def say(self, room_id: UUID, member: Member, text: str) -> Message:
         """Raises RoomNotFound, BackendUnavailable."""
-        draft = Draft(uuid4(), room_id, member, MessageType.CHAT, text)
+        draft = domain.chat(room_id, member, text)
         return cast(Message, await self._enqueue(Write(Kind.CHAT, draft)))
 
     async def drain(self) -> None:
@@ -191,10 +160,10 @@ class GroupCommit:
     def _undo(self, join: Write) -> None:
         """A join whose caller gave up once it was stored: nobody will ever remove the
         member, so it leaves at once. Its `joined` and `left` reach the room like any
-        message nobody published (see Controller._audit_rooms): a stored message is
+        message nobody published (see Housekeeping._audit_rooms): a stored message is
         never taken back, so numbers are never reused."""
         member = join.draft.member
-        leaving = self._enqueue(Write(Kind.LEAVE, left(join.room_id, member)))
+        leaving = self._enqueue(Write(Kind.LEAVE, domain.left(join.room_id, member)))
         leaving.add_done_callback(functools.partial(_report_undo, member.id))
 
 
@@ -211,4 +180,3 @@ def _own_copy(error: Exception) -> Exception:
     copy = BackendUnavailable(*error.args)
     copy.__cause__ = error.__cause__
     return copy
-

@@ -10,13 +10,13 @@ import bisect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from uuid import UUID, uuid4
+from uuid import UUID
 
+from sharechat import domain
 from sharechat.domain import (
     Member,
     Message,
     MessageNotFound,
-    MessageType,
     Room,
     RoomNotFound,
     utcnow,
@@ -118,7 +118,7 @@ class MemoryRepository:
         state = self._state(room_id)
         state.members[member.id] = member
         state.emptied_at = None
-        return self._store(state, member, MessageType.JOINED, f"{member.name} joined")
+        return self._store(state, domain.joined(room_id, member))
 
     async def remove_member(self, room_id: UUID, member: Member) -> Message | None:
         state = self._rooms.get(room_id)
@@ -126,10 +126,10 @@ class MemoryRepository:
             return None
         if not state.members:
             state.emptied_at = time.monotonic()
-        return self._store(state, member, MessageType.LEFT, f"{member.name} left")
+        return self._store(state, domain.left(room_id, member))
 
     async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        return self._store(self._state(room_id), member, MessageType.CHAT, text)
+        return self._store(self._state(room_id), domain.chat(room_id, member, text))
 
     async def message_number(self, room_id: UUID, message_id: UUID) -> int:
         return self._state(room_id).number(message_id)
@@ -173,17 +173,8 @@ class MemoryRepository:
         except KeyError:
             raise RoomNotFound(str(room_id)) from None
 
-    def _store(self, state: _RoomState, member: Member, kind: MessageType, text: str) -> Message:
-        message = Message(
-            id=uuid4(),
-            room_id=state.room.id,
-            member_id=member.id,
-            member_name=member.name,
-            type=kind,
-            message=text,
-            sent=utcnow(),
-            number=state.next_number(),
-        )
+    def _store(self, state: _RoomState, draft: domain.Draft) -> Message:
+        message = draft.stored(utcnow(), state.next_number())
         self._message_rooms[message.id] = state.room.id
         state.append(message)
         number = message.number
@@ -218,4 +209,3 @@ class MemoryQueue:
 
     async def unsubscribe(self, room_id: UUID) -> None:
         self._subscribed.discard(room_id)
-

@@ -41,6 +41,7 @@ FAILURE_REASONS = (
     ("rate limited", "member-rate"),
     ("message too long", "too-long"),
     ("message contains a NUL", "nul"),
+    ("message contains a lone surrogate", "surrogate"),
     ("binary frames", "binary"),
     ("malformed frame", "malformed"),
     ("not sent", "not-stored"),

@@ -20,7 +20,7 @@ from uuid import UUID
 import aiopg
 import psycopg2
 
-from sharechat import statements
+from sharechat import domain, statements
 from sharechat.domain import (
     BackendUnavailable,
     Member,
@@ -30,7 +30,7 @@ from sharechat.domain import (
     Room,
     RoomNotFound,
 )
-from sharechat.group_commit import GroupCommit, Kind, Write, left
+from sharechat.group_commit import GroupCommit, Kind, Write
 from sharechat.ports import MAX_NUMBER, Page
 from sharechat.storing import Store, prepare_on
 
@@ -162,7 +162,9 @@ class PostgresRepository:
             # and a concurrent reaper sees them gone once we commit.
             await statements.DELETE_DEAD.run(cursor, expired=expired, room_ids=room_ids)
             dead = await cursor.fetchall()
-            drafts = [left(room_id, Member(member_id, name)) for member_id, room_id, name in dead]
+            drafts = [
+                domain.left(room_id, Member(member_id, name)) for member_id, room_id, name in dead
+            ]
             reaped = await self._store.all_messages(cursor, drafts)
             await statements.SETTLE_ROOMS.run(cursor, room_ids=room_ids)
             await statements.DELETE_INSTANCES.run(cursor, expired=expired)
@@ -327,10 +329,9 @@ async def open_postgres_repository(
                 dsn,
                 minsize=pool_min,
                 maxsize=pool_max,
-                # No aiopg timeout: it awaits statements with asyncio.wait_for, which
-                # on Python 3.11 drops a cancel that lands as the statement completes
-                # (the caller's task then never stops). asyncio.timeout, above and in
-                # PostgresRepository._cursor, bounds every call instead.
+                # No aiopg timeout: it awaits statements with asyncio.wait_for (see
+                # housekeeping._raise_if_cancelled for why we avoid it); asyncio.timeout,
+                # above and in PostgresRepository._cursor, bounds every call instead.
                 timeout=None,  # type: ignore[arg-type]
                 enable_json=False,
                 enable_hstore=False,

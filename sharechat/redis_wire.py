@@ -30,9 +30,8 @@ from sharechat.domain import BackendUnavailable
 
 # Seconds for a connect, a pipeline, a ping and a subscribe confirmation: an outage must
 # turn into BackendUnavailable quickly, not hang a member's join or message. These are
-# our own asyncio.timeout()s, not redis-py's socket_timeout: that one wraps each write in
-# asyncio.wait_for(), which on Python 3.11 can swallow a task's cancellation, and a
-# background task that survives its cancellation hangs the shutdown.
+# our own asyncio.timeout()s, not redis-py's socket_timeout, which wraps each write in
+# asyncio.wait_for() (see housekeeping._raise_if_cancelled for why we avoid it).
 TIMEOUT = 1.5
 _MAX_BATCH = 1_000  # publishes per pipeline; the rest go in the next one
 _POOL_SIZE = 8  # for PING; publishing and subscribing keep connections of their own

@@ -1,16 +1,17 @@
-"""One connected member: its rate limits, its bounded outbox, and the writer that empties it."""
+"""One connected member: what it may send (rate limits, size, messages in flight), its
+bounded outbox, and the Flusher that writes every outbox out once per turn of the loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from uuid import UUID
 
 from sharechat.budgets import RateLimiter
 from sharechat.config import Config
-from sharechat.domain import Member, wire_id, with_ref
+from sharechat.domain import Member, unstorable, wire_id, with_ref
 from sharechat.ports import Peer
 from sharechat.refusals import RefusalLog
 
@@ -31,6 +32,7 @@ class Flusher:
     def __init__(self, config: Config, refusals: RefusalLog) -> None:
         self._due: list[Session] = []
         self.max_frames = config.send_queue
+        self.max_message_bytes = config.max_message_bytes
         self.max_bytes = config.send_buffer_bytes
         self.drain_timeout = config.ping_interval
         self.refusals = refusals
@@ -46,8 +48,75 @@ class Flusher:
             session.flush()
 
 
-class Session:
-    """One connected member: its bounded outbox and how it gets written out.
+class Sender:
+    """What a member may send: its rate limits, the size limit and the storable rule,
+    and its messages under way (at most MAX_IN_FLIGHT at once)."""
+
+    __slots__ = (
+        "_client_limiter",
+        "_flusher",
+        "_in_flight",
+        "_last_message",
+        "_limiter",
+        "member",
+        "room_id",
+    )
+
+    def __init__(
+        self, room_id: UUID, member: Member, config: Config, flusher: Flusher, limiter: RateLimiter
+    ) -> None:
+        self.room_id = room_id
+        self.member = member
+        self._flusher = flusher
+        self._limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        # Shared by every connection of the member's client address.
+        self._client_limiter = limiter
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._last_message: asyncio.Task[None] | None = None  # the newest one under way
+
+    def admit(self, text: str) -> str | None:
+        """Why this chat text may not go to the room (a `failed` says it), or None.
+
+        Every text counts against the member's rate limit and its address's.
+        """
+        refusals = self._flusher.refusals
+        if not self._limiter.allow():
+            refusals.refused("member-rate", f"member {self.member.id}")
+            return "rate limited: slow down"
+        if not self._client_limiter.allow():
+            refusals.refused("ip-rate", f"member {self.member.id}")
+            return "rate limited: too many messages from your address, slow down"
+        limit = self._flusher.max_message_bytes
+        # Encoding only a text that could be over the limit: most are far under it.
+        if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
+            return f"message too long: {len(text.encode())} bytes, the limit is {limit}"
+        return unstorable(text)
+
+    def slot(self) -> Awaitable[bool]:
+        """Wait until fewer than MAX_IN_FLIGHT of the member's messages are under way."""
+        return self._in_flight.acquire()
+
+    def sending(self, message: asyncio.Task[None]) -> None:
+        """`message`, holding a slot, is being stored and published."""
+        self._last_message = message
+
+    def release_slot(self) -> None:
+        """A message is done with its slot (see Session.expect_echo for one that keeps it)."""
+        self._in_flight.release()
+
+    @property
+    def slots_full(self) -> bool:
+        return self._in_flight.locked()
+
+    async def messages_sent(self) -> None:
+        """Return once every message the member sent is stored and published, or failed."""
+        if self._last_message is not None:
+            await asyncio.wait([self._last_message])
+
+
+class Session(Sender):
+    """One connected member: what it may send (Sender), and its bounded outbox and
+    how it gets written out.
 
     Delivery never waits for the peer: frames queue here, and a member that
     falls behind (its queue over a bound in frames or in bytes, counting what
@@ -60,7 +129,6 @@ class Session:
         "_backlog",
         "_closing",
         "_echoes",
-        "_flusher",
         "_held",
         "_joined",
         "_joined_number",
@@ -68,12 +136,6 @@ class Session:
         "_outbox_bytes",
         "_peer",
         "_writer",
-        "client_limiter",
-        "in_flight",
-        "last_message",
-        "limiter",
-        "member",
-        "room_id",
     )
 
     def __init__(
@@ -85,16 +147,9 @@ class Session:
         flusher: Flusher,
         client_limiter: RateLimiter,
     ) -> None:
-        self.room_id = room_id
-        self.member = member
-        self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
-        # Shared by every connection of the member's client address.
-        self.client_limiter = client_limiter
-        self.in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self.last_message: asyncio.Task[None] | None = None  # the newest one under way
+        super().__init__(room_id, member, config, flusher, client_limiter)
         self._peer = peer
-        self._flusher = flusher
-        # UTF-8 JSON, encoded once per message; a list, as an empty deque costs 760 bytes.
+        # UTF-8 JSON, encoded once per message; a list, as an empty deque is much larger.
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
         self._backlog = 0  # bytes the connection held unsent after the last write
@@ -151,7 +206,7 @@ class Session:
         """The echo of this stored message, about to be published, carries `ref`.
 
         It takes over the message's in-flight slot: the slot is released when the
-        echo is delivered (a stored message always is, see Controller._publish).
+        echo is delivered (a stored message always is, see rooms.LiveRooms.publish).
         """
         self._echoes.append((str(message_id).encode(), ref))
 
@@ -167,7 +222,7 @@ class Session:
             if pending == key:
                 del self._echoes[: index + 1]
                 for _ in range(index + 1):
-                    self.in_flight.release()
+                    self._in_flight.release()
                 return with_ref(payload, ref)
         return payload
 

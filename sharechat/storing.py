@@ -11,8 +11,8 @@ from uuid import UUID
 import aiopg
 import orjson
 
-from sharechat.domain import Message
-from sharechat.group_commit import Draft, Kind, Write
+from sharechat.domain import Draft, Message
+from sharechat.group_commit import Kind, Write
 from sharechat.write_statements import PREPARED, WHOLE
 
 

@@ -105,12 +105,20 @@ def is_uuid4(text: Any) -> bool:
 # -- healthz and rooms -------------------------------------------------------------------
 
 
-async def test_healthz_reports_both_backends_ok(client: TestClient[Any, Any]) -> None:
-    assert await get_json(client, "/api/healthz") == {
+@pytest.mark.parametrize("path", ["/api/readyz", "/api/healthz"])
+async def test_readyz_and_its_alias_healthz_report_both_backends(
+    client: TestClient[Any, Any], path: str
+) -> None:
+    assert await get_json(client, path) == {
         "status": "ok",
         "repository": "ok",
         "queue": "ok",
+        "draining": False,
     }
+
+
+async def test_livez_answers_ok(client: TestClient[Any, Any]) -> None:
+    assert await get_json(client, "/api/livez") == {"status": "ok"}
 
 
 async def test_create_room_answers_id_and_name(client: TestClient[Any, Any]) -> None:

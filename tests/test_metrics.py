@@ -138,10 +138,17 @@ async def test_metrics_port_serves_metrics_there_and_not_on_the_main_port(tmp_pa
     ):
         async with http.get(f"{server.url}/metrics") as response:
             assert response.status == 404
+        # A request aiohttp cannot parse is refused by the HTTP server, and counted too.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"NOT A REQUEST\r\n\r\n")
+        async with asyncio.timeout(WAIT):
+            assert b" 400 " in (await reader.read()).split(b"\r\n")[0]
+        writer.close()
         async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
             assert response.status == 200
             text = await response.text()
         assert value(text, "sharechat_websockets_open") == 0
+        assert value(text, "sharechat_refusals_total", kind="bad-request") == 1
         server.signal(signal.SIGTERM)
         assert await server.wait_exit(WAIT * 2) == 0, server.output()
 
@@ -167,7 +174,7 @@ RECOVERY = 15.0  # seconds for a queue to notice an outage and come back (backof
 
 
 async def test_a_chat_moves_the_counters_by_exactly_its_own_amounts(
-    client: TestClient[Any, Any], chat: Chat
+    client: TestClient[Any, Any], chat: Chat, backend: str
 ) -> None:
     room = await chat.room()
     before = await scrape(client)
@@ -212,6 +219,11 @@ async def test_a_chat_moves_the_counters_by_exactly_its_own_amounts(
     # (bob's own left comes after the room is gone from this instance).
     assert moved("sharechat_delivery_seconds_count") >= 2 + MESSAGES
     assert moved("sharechat_delivery_seconds_sum") > 0
+    # PostgreSQL commits the joins, the messages and the leaves in batches: their sizes
+    # add up to the writes (the in-memory repository has no group commit).
+    writes = moved("sharechat_commit_batch_size_sum")
+    assert writes == (0 if backend == "memory" else 2 + MESSAGES + 2)
+    assert moved("sharechat_commit_batch_size_count") <= writes
     assert_bounded(samples(after))
 
 

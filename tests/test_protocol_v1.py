@@ -16,19 +16,19 @@ from sharechat.controller import Controller
 from sharechat.domain import (
     BackendUnavailable,
     Member,
-    Message,
-    MessageType,
     Room,
-    failed_message,
+    chat,
+    failed,
     utcnow,
     wire_id,
     with_ref,
 )
-from sharechat.memory import MemoryQueue, MemoryRepository
+from sharechat.memory import MemoryQueue
 from sharechat.refusals import RefusalLog
 from sharechat.session import MAX_IN_FLIGHT, Session
 from tests.conftest import Chat, StartServer
 from tests.helpers import MESSAGE_KEYS, WAIT, Recorder, eventually, receive_json
+from tests.test_controller import FlakyRepository
 
 V1 = "sharechat.v1"
 
@@ -58,8 +58,8 @@ async def chats(chat: Chat, room: str) -> list[dict[str, Any]]:
 def test_the_wire_form_starts_with_the_id_and_takes_a_ref_at_its_end() -> None:
     """What the echo splice relies on: to_json() writes the id first and ends with `}`."""
     member = Member(id=uuid4(), name="Teal Otter")
-    message = Message(uuid4(), uuid4(), member.id, member.name, MessageType.CHAT, "}é\"", utcnow())
-    for payload in (message.to_json(), failed_message(uuid4(), member, "why").to_json()):
+    message = chat(uuid4(), member, "}é\"").stored(utcnow(), 1)
+    for payload in (message.to_json(), failed(uuid4(), member, "why").to_json()):
         assert wire_id(payload) == str(json.loads(payload)["id"]).encode()
         tagged = with_ref(payload, 'a "ref" é')
         assert json.loads(tagged) == {**json.loads(payload), "ref": 'a "ref" é'}
@@ -311,17 +311,6 @@ async def test_plain_framing_is_unchanged(chat: Chat) -> None:
 # -- the controller's own failures, on the embedded backends -----------------------------
 
 
-class FlakyRepository(MemoryRepository):
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = False
-
-    async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        if self.down:
-            raise BackendUnavailable("test: repository down")
-        return await super().add_message(room_id, member, text)
-
-
 class HoldingQueue(MemoryQueue):
     """Publishes chat messages but holds their delivery (a slow subscription), or fails."""
 
@@ -383,8 +372,7 @@ class Setup:
 
     async def settled(self, session: Session) -> None:
         async with asyncio.timeout(WAIT):
-            while session.last_message is not None and not session.last_message.done():
-                await asyncio.wait([session.last_message])
+            await session.messages_sent()
 
 
 async def test_not_stored_fails_and_not_published_is_delivered_here_with_the_ref() -> None:
@@ -422,7 +410,7 @@ async def test_pending_refs_are_bounded_by_the_in_flight_messages() -> None:
     session = await setup.member_with_every_echo_held()
     assert len(setup.queue.held) == MAX_IN_FLIGHT  # all published, no echo yet
     # Each waits for its echo in an in-flight slot: the next message waits for one.
-    assert session.in_flight.locked()
+    assert session.slots_full
     blocked = asyncio.create_task(setup.controller.say(session, "next", "n"))
     setup.queue.release(1)
     async with asyncio.timeout(WAIT):
@@ -441,9 +429,9 @@ async def test_echoes_the_queue_lost_come_from_the_repository_with_their_refs() 
     every in-flight slot is free again."""
     setup = Setup()
     session = await setup.member_with_every_echo_held()
-    assert session.in_flight.locked()
+    assert session.slots_full
     del setup.queue.held[: MAX_IN_FLIGHT - 1]
     setup.queue.release(1)  # the last one's echo: the others' are lost
     await eventually(setup.delivered(1 + MAX_IN_FLIGHT))
     assert [f["ref"] for f in setup.peer.frames[1:]] == [f"h{n}" for n in range(MAX_IN_FLIGHT)]
-    assert not session.in_flight.locked()
+    assert not session.slots_full

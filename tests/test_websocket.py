@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from sharechat import names
-from sharechat.web import _text_header
+from sharechat.websocket import _text_header
 from tests.conftest import Chat, StartServer
 from tests.helpers import (
     MESSAGE_KEYS,
