@@ -93,7 +93,9 @@ def describe_backends(config: Config) -> str:
     repository = "PostgreSQL" if config.database_url else "in-memory repository"
     queue = "in-process queue"
     if config.redis_url:
-        queue = "Redis over TLS" if config.redis_url.startswith("rediss:") else "Redis"
+        queue = "Redis Cluster" if config.redis_cluster else "Redis"
+        if config.redis_url.startswith("rediss"):
+            queue += " over TLS"
     return f"{repository}, {queue}"
 
 
@@ -141,9 +143,12 @@ async def open_queue(
     if not config.redis_url:
         yield MemoryQueue()
         return
+    from sharechat.redis_cluster_queue import open_redis_cluster_queue
     from sharechat.redis_queue import open_redis_queue
 
-    async with open_redis_queue(
+    # One module per backend, picked by the URL's scheme (as broadcaster does).
+    opener = open_redis_cluster_queue if config.redis_cluster else open_redis_queue
+    async with opener(
         config.redis_url,
         prefix=config.redis_prefix,
         instance_id=instance_id,

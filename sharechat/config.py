@@ -59,6 +59,12 @@ class Config:
     metrics_port: int = 0  # 0: /metrics on the main port, for metrics_allow_ips only
     metrics_allow_ips: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
 
+    @property
+    def redis_cluster(self) -> bool:
+        """A redis+cluster:// (or rediss+cluster://) URL picks the Redis Cluster queue: one
+        setting says both where the queue is and what it is, as broadcaster's URLs do."""
+        return self.redis_url is not None and urlsplit(self.redis_url).scheme.endswith("+cluster")
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -277,8 +283,10 @@ _SETTINGS = (
         "PostgreSQL URL (default: in-memory repository)",
     ),
     _Setting(
-        "redis_url", "--redis-url", "REDIS_URL", _url("redis", "rediss"),
-        "Redis URL (default: in-process queue; needs a database)", "REDIS_TLS_URL",
+        "redis_url", "--redis-url", "REDIS_URL",
+        _url("redis", "rediss", "redis+cluster", "rediss+cluster"),
+        "Redis URL, redis+cluster://one-node:port for a Redis Cluster "
+        "(default: in-process queue; needs a database)", "REDIS_TLS_URL",
     ),
     _Setting(
         "redis_prefix", "--redis-prefix", "SHARECHAT_REDIS_PREFIX", _text,
@@ -389,7 +397,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
 
 def _check_redis_tls(config: Config) -> None:
     """A TLS setting beside a plain URL means TLS was expected and is not on."""
-    if urlsplit(config.redis_url or "").scheme == "rediss":
+    if urlsplit(config.redis_url or "").scheme in ("rediss", "rediss+cluster"):
         return
     for name, value in (
         ("REDIS_SSL_CA_CERTS", config.redis_ssl_ca_certs),

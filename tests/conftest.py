@@ -15,10 +15,11 @@ from aiohttp.test_utils import TestClient
 
 from sharechat.app import create_app
 from sharechat.config import Config
+from tests.cluster_support import RedisCluster, running_cluster
 from tests.helpers import receive_json
 from tests.pg_support import temporary_database
 
-BACKENDS = ("memory", "postgres", "postgres+redis")
+BACKENDS = ("memory", "postgres", "postgres+redis", "postgres+redis-cluster")
 REDIS_URL = os.environ.get("SHARECHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 StartServer = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -70,6 +71,14 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One Redis Cluster for the whole run (it takes seconds to form), killed at the end.
+    Tests that break a cluster start their own."""
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
 def redis_prefix() -> str:
     return f"sharechat-test-{uuid4().hex[:12]}:"
 
@@ -93,7 +102,10 @@ def backend_config(backend: str, request: pytest.FixtureRequest) -> Config:
     if backend == "postgres":
         return config
     prefix = request.getfixturevalue("redis_prefix")
-    return dataclasses.replace(config, redis_url=REDIS_URL, redis_prefix=prefix)
+    redis_url = REDIS_URL
+    if backend == "postgres+redis-cluster":
+        redis_url = request.getfixturevalue("redis_cluster").url
+    return dataclasses.replace(config, redis_url=redis_url, redis_prefix=prefix)
 
 
 @pytest.fixture

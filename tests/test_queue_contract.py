@@ -23,7 +23,9 @@ import pytest
 from sharechat.domain import BackendUnavailable
 from sharechat.memory import MemoryQueue
 from sharechat.ports import Queue
+from sharechat.redis_cluster_queue import open_redis_cluster_queue
 from sharechat.redis_queue import open_redis_queue
+from tests.cluster_support import running_cluster
 from tests.helpers import WAIT, eventually
 from tests.redis_support import REDIS_URL, RedisServer, unique_prefix
 
@@ -79,7 +81,35 @@ async def redis_adapter(directory: Path, breakable: bool) -> AsyncIterator[Adapt
         yield Adapter(open_, spans_instances=True, outage=outage if server else None)
 
 
-ADAPTERS: dict[str, OpenAdapter] = {"memory": memory_adapter, "redis": redis_adapter}
+@contextlib.asynccontextmanager
+async def redis_cluster_adapter(directory: Path, breakable: bool) -> AsyncIterator[Adapter]:
+    """A Redis Cluster of the test's own (three masters, three replicas); every node
+    killed for an outage."""
+    prefix = unique_prefix("contract-cluster")
+    async with contextlib.AsyncExitStack() as stack:
+        cluster = stack.enter_context(running_cluster(directory))
+
+        async def open_() -> Queue:
+            queue = open_redis_cluster_queue(cluster.url, prefix=prefix, instance_id=uuid4())
+            async with asyncio.timeout(WAIT):
+                return await stack.enter_async_context(queue)
+
+        @contextlib.asynccontextmanager
+        async def outage() -> AsyncIterator[None]:
+            cluster.stop()
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(cluster.restart)
+
+        yield Adapter(open_, spans_instances=True, outage=outage if breakable else None)
+
+
+ADAPTERS: dict[str, OpenAdapter] = {
+    "memory": memory_adapter,
+    "redis": redis_adapter,
+    "redis-cluster": redis_cluster_adapter,
+}
 IN_PROCESS = {"memory"}  # the others need services (see conftest --backends)
 PARAMS = [
     pytest.param(name, marks=() if name in IN_PROCESS else pytest.mark.services)
