@@ -147,8 +147,19 @@ async def open_queue(
     from sharechat.redis_queue import open_redis_queue
 
     # One module per backend, picked by the URL's scheme (as broadcaster does).
-    opener = open_redis_cluster_queue if config.redis_cluster else open_redis_queue
-    async with opener(
+    if config.redis_cluster:
+        # Its shards' canaries are not counted (yet): sharechat_queue_canary_misses_total
+        # stays 0 on a cluster; its recoveries are counted like any queue's.
+        async with open_redis_cluster_queue(
+            config.redis_url,
+            prefix=config.redis_prefix,
+            instance_id=instance_id,
+            ssl_ca_certs=config.redis_ssl_ca_certs,
+            ssl_cert_reqs=config.redis_ssl_cert_reqs,
+        ) as cluster_queue:
+            yield cluster_queue
+        return
+    async with open_redis_queue(
         config.redis_url,
         prefix=config.redis_prefix,
         instance_id=instance_id,
