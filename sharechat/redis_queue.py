@@ -54,18 +54,22 @@ async def open_redis_queue(
     canary_interval: float = 2.0,
     ssl_ca_certs: str | None = None,
     ssl_cert_reqs: str | None = None,
+    on_canary_missed: Callable[[], None] | None = None,
 ) -> AsyncIterator[RedisQueue]:
     """Connect, subscribe and listen; on exit stop every task and close every connection.
 
     Waits up to a couple of seconds for the first subscription; if Redis is not there
     yet, the queue is yielded anyway: ping() reports it and the listener keeps trying.
     `ssl_ca_certs` and `ssl_cert_reqs` are redis-py's, for a rediss:// URL.
+    `on_canary_missed` is told each time the subscription is found stalled (the metrics).
     """
     pool = connection_pool(url, ssl_ca_certs=ssl_ca_certs, ssl_cert_reqs=ssl_cert_reqs)
     client = Redis.from_pool(pool)
     canary_channel = f"{prefix}instance:{instance_id}".encode()
     publisher = PublishPipeline(pool)
     subscriber = _Subscriber(pool, canary_channel, _STALL_INTERVALS * canary_interval)
+    if on_canary_missed is not None:
+        subscriber.stalled = on_canary_missed
     tasks = [
         asyncio.create_task(publisher.run(), name="redis-queue-publisher"),
         asyncio.create_task(subscriber.run(), name="redis-queue-listener"),
@@ -155,6 +159,7 @@ class _Subscriber:
         self.down_reason: str | None = "not connected yet"
         self.deliver: Deliver = no_listener
         self.recovered: Callable[[], None] = _nothing
+        self.stalled: Callable[[], None] = _nothing  # no reply to a canary in time
 
     async def ready(self) -> None:
         await self._ready.wait()
@@ -220,6 +225,7 @@ class _Subscriber:
                 await self._listen_until_silent(conn, len(rooms))
                 # Replies waiting past the deadline mean a late event loop, not a stall.
                 if not await conn.has_reply():
+                    self.stalled()
                     raise _Stalled("subscription stalled")
         finally:
             self._conn = None
