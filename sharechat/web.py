@@ -102,6 +102,10 @@ def _static_files() -> dict[str, Path]:
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if response.status == 101:
+        # A websocket handshake renders nothing, and its headers live as long as the
+        # connection: thousands of copies of the policy for no reader.
+        return
     _add_security_headers(response, api=request.path.startswith("/api/"))
 
 

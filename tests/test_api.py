@@ -590,3 +590,16 @@ async def test_forwarded_headers_from_an_untrusted_peer_do_not_make_an_origin_ow
     client = await origin_server(aiohttp_client, forwarded_allow_ips=("10.0.0.0/8",))
     await assert_origin_refused(client, {**proxied, "Origin": "https://evil.example"})
     await assert_joins(client, {**proxied, "Origin": own_origin(client)})
+
+
+async def test_the_websocket_handshake_carries_no_page_headers(chat: Chat) -> None:
+    """A 101 renders nothing; its headers live as long as the connection does."""
+    room = await chat.room()
+    async with asyncio.timeout(WAIT):
+        ws = await chat.client.ws_connect(f"/api/serve/{room}")
+    try:
+        assert ws._response.status == 101
+        assert "Content-Security-Policy" not in ws._response.headers
+        assert "X-Content-Type-Options" not in ws._response.headers
+    finally:
+        await ws.close()
