@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from sharechat.config import Config
+
 WAIT = 5.0  # seconds any single expected event may take
 MESSAGE_KEYS = {"id", "roomId", "memberId", "memberName", "type", "message", "sent"}
 SENT_FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
@@ -60,6 +62,24 @@ async def eventually(check: Callable[[], Awaitable[bool]], wait: float = WAIT) -
     async with asyncio.timeout(wait):
         while not await check():
             await asyncio.sleep(0.02)
+
+
+def suite_config(**overrides: Any) -> Config:
+    """The Config of an app the suite drives in-process, with `overrides`.
+
+    One address (127.0.0.1) plays every client of the suite, at machine speed: the
+    budgets per address and per connection are off here, and tests/test_budgets.py
+    tests each of them against a real `sharechat serve`.
+    """
+    return Config(
+        host="127.0.0.1",
+        port=0,
+        ip_connection_limit=0,
+        ip_rate_limit=0,
+        room_create_limit=0,
+        frame_budget=0,
+        **overrides,
+    )
 
 
 def free_port() -> int:

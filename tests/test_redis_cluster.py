@@ -21,7 +21,7 @@ from sharechat.domain import BackendUnavailable
 from sharechat.redis_cluster_queue import RedisClusterQueue, open_redis_cluster_queue
 from tests.cluster_support import RedisCluster, running_cluster
 from tests.conftest import Chat
-from tests.helpers import eventually, receive_json, receive_until
+from tests.helpers import eventually, receive_json, receive_until, suite_config
 from tests.pg_support import temporary_database
 from tests.redis_support import unique_prefix
 from tests.servers import MANY_CLIENTS_FROM_ONE_ADDRESS, create_room, join, running_servers
@@ -360,13 +360,7 @@ async def answers(queue: RedisClusterQueue) -> bool:
 async def test_a_chat_survives_a_master_failover_with_nothing_acknowledged_lost(
     aiohttp_client: Any, database_url: str, own_cluster: RedisCluster
 ) -> None:
-    config = Config(
-        host="127.0.0.1",
-        port=0,
-        ip_connection_limit=0,
-        ip_rate_limit=0,
-        room_create_limit=0,
-        frame_budget=0,
+    config = suite_config(
         rate_limit=0,
         database_url=database_url,
         redis_url=own_cluster.url,
