@@ -8,10 +8,13 @@ import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
+from uuid import UUID, uuid4
 
 import aiohttp
 
 from sharechat.config import Config
+from sharechat.domain import Member, Room
+from sharechat.ports import Page, Repository
 
 WAIT = 5.0  # seconds any single expected event may take
 MESSAGE_KEYS = {"id", "roomId", "memberId", "memberName", "type", "message", "sent"}
@@ -80,6 +83,21 @@ def suite_config(**overrides: Any) -> Config:
         frame_budget=0,
         **overrides,
     )
+
+
+async def new_room(repository: Repository) -> Room:
+    room = Room(id=uuid4(), name="Blue Lagoon")
+    await repository.create_room(room)
+    return room
+
+
+def new_member(name: str = "Teal Otter") -> Member:
+    return Member(id=uuid4(), name=name)
+
+
+async def texts(repository: Repository, room_id: UUID, page: Page | None = None) -> list[str]:
+    """The texts of a room's messages in `repository`, oldest first."""
+    return [m.message for m in await repository.list_messages(room_id, page or Page())]
 
 
 def free_port() -> int:
