@@ -8,7 +8,6 @@ kill_master() fakes a dead machine and returns once its replica has taken its sl
 from __future__ import annotations
 
 import contextlib
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from tests.helpers import free_port
+from tests.processes import ServerProcess
 
 MASTERS = 3
 REPLICAS_PER_MASTER = 1
@@ -29,13 +29,13 @@ STARTUP = 30.0  # seconds the whole cluster may take to form
 FAILOVER = 30.0  # seconds a replica may take to be promoted
 
 
-class _Node:
+class _Node(ServerProcess):
     def __init__(self, directory: Path) -> None:
+        super().__init__()
         self.port = free_port()
         # Not port + 10000, Redis's default for the cluster bus: that may be taken or past 65535.
         self.bus_port = free_port()
         self.directory = directory / str(self.port)
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -50,18 +50,7 @@ class _Node:
         command += ["--repl-diskless-sync-delay", "0"]
         log = self.directory / "redis.log"
         command += ["--logfile", str(log)]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to the clients or to the other nodes, as when a machine dies."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-        self.process = None
+        self.spawn(command)  # RedisCluster waits for all its nodes at once
 
     def client(self) -> Redis:
         return Redis(

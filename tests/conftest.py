@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from uuid import uuid4
@@ -16,11 +15,11 @@ from aiohttp.test_utils import TestClient
 from sharechat.app import create_app
 from sharechat.config import Config
 from tests.cluster_support import RedisCluster, running_cluster
-from tests.helpers import receive_json
+from tests.helpers import receive_json, suite_config
 from tests.pg_support import temporary_database
+from tests.redis_support import REDIS_URL
 
 BACKENDS = ("memory", "postgres", "postgres+redis", "postgres+redis-cluster")
-REDIS_URL = os.environ.get("SHARECHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 StartServer = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -85,17 +84,7 @@ def redis_prefix() -> str:
 
 @pytest.fixture
 def backend_config(backend: str, request: pytest.FixtureRequest) -> Config:
-    # One address (127.0.0.1) plays every client of the suite, at machine speed: the
-    # budgets per address and per connection are off here, and tests/test_budgets.py
-    # tests each of them against a real `sharechat serve`.
-    config = Config(
-        host="127.0.0.1",
-        port=0,
-        ip_connection_limit=0,
-        ip_rate_limit=0,
-        room_create_limit=0,
-        frame_budget=0,
-    )
+    config = suite_config()
     if backend == "memory":
         return config
     config = dataclasses.replace(config, database_url=request.getfixturevalue("database_url"))

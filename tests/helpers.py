@@ -8,8 +8,13 @@ import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
+from uuid import UUID, uuid4
 
 import aiohttp
+
+from sharechat.config import Config
+from sharechat.domain import Member, Room
+from sharechat.ports import Page, Repository
 
 WAIT = 5.0  # seconds any single expected event may take
 MESSAGE_KEYS = {"id", "roomId", "memberId", "memberName", "type", "message", "sent"}
@@ -60,6 +65,39 @@ async def eventually(check: Callable[[], Awaitable[bool]], wait: float = WAIT) -
     async with asyncio.timeout(wait):
         while not await check():
             await asyncio.sleep(0.02)
+
+
+def suite_config(**overrides: Any) -> Config:
+    """The Config of an app the suite drives in-process, with `overrides`.
+
+    One address (127.0.0.1) plays every client of the suite, at machine speed: the
+    budgets per address and per connection are off here, and tests/test_budgets.py
+    tests each of them against a real `sharechat serve`.
+    """
+    return Config(
+        host="127.0.0.1",
+        port=0,
+        ip_connection_limit=0,
+        ip_rate_limit=0,
+        room_create_limit=0,
+        frame_budget=0,
+        **overrides,
+    )
+
+
+async def new_room(repository: Repository) -> Room:
+    room = Room(id=uuid4(), name="Blue Lagoon")
+    await repository.create_room(room)
+    return room
+
+
+def new_member(name: str = "Teal Otter") -> Member:
+    return Member(id=uuid4(), name=name)
+
+
+async def texts(repository: Repository, room_id: UUID, page: Page | None = None) -> list[str]:
+    """The texts of a room's messages in `repository`, oldest first."""
+    return [m.message for m in await repository.list_messages(room_id, page or Page())]
 
 
 def free_port() -> int:

@@ -15,10 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,16 +24,17 @@ import psycopg2
 
 from tests.helpers import free_port
 from tests.pg_support import admin_dsn
+from tests.processes import ServerProcess
 
 STARTUP = 10.0  # seconds the bouncer may take to answer
 
 
-class PgBouncer:
+class PgBouncer(ServerProcess):
     def __init__(self, directory: Path, server_dsn: str) -> None:
+        super().__init__()
         self.directory = directory
         self.port = free_port()
         self._server = urlsplit(server_dsn)
-        self._process: subprocess.Popen[bytes] | None = None
 
     def url(self, dsn: str) -> str:
         """`dsn`'s database and user, through the bouncer."""
@@ -64,38 +62,21 @@ class PgBouncer:
         if os.geteuid() == 0:  # PgBouncer refuses to run as root; -u drops to that user
             shutil.chown(self.directory, "postgres", "postgres")
             command[1:1] = ["-u", "postgres"]
-        self._process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            self._wait_until_ready(time.monotonic() + STARTUP)
-        except BaseException:
-            self.kill()
-            raise
+        self.launch(command, self._answers, STARTUP)
 
-    def kill(self) -> None:
-        if self._process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self._process.send_signal(signal.SIGKILL)
-        self._process.wait(timeout=10)
-        self._process = None
+    def did_not_start(self) -> str:
+        return f"pgbouncer did not start:\n{self.log()}"
 
     def log(self) -> str:
         path = self.directory / "pgbouncer.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def _wait_until_ready(self, deadline: float) -> None:
-        dsn = self.url(urlsplit(admin_dsn()).geturl())
-        while True:
-            try:
-                psycopg2.connect(dsn, connect_timeout=1).close()
-                return
-            except psycopg2.OperationalError:
-                assert self._process is not None
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"pgbouncer did not start:\n{self.log()}") from None
-                time.sleep(0.05)
+    def _answers(self) -> bool:
+        try:
+            psycopg2.connect(self.url(admin_dsn()), connect_timeout=1).close()
+        except psycopg2.OperationalError:
+            return False
+        return True
 
 
 @contextlib.contextmanager

@@ -13,13 +13,13 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import uuid4
 
 from tests.helpers import free_port
+from tests.processes import ServerProcess
 
 # The shared server; other test runs use it at the same time, hence unique_prefix().
 REDIS_URL = os.environ.get("SHARECHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -30,7 +30,7 @@ def unique_prefix(tag: str = "test") -> str:
     return f"sharechat-{tag}-{uuid4().hex}:"
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """A throwaway redis-server: kill() it to fake an outage, start() it again on the same port.
 
     With `tls`, it only speaks TLS, with a self-signed certificate that `url` trusts.
@@ -43,11 +43,11 @@ class RedisServer:
         password: str | None = None,
         tls: bool = False,
     ) -> None:
+        super().__init__()
         self.directory = directory
         self.port = port or free_port()
         self.password = password
         self.tls = tls
-        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -84,39 +84,17 @@ class RedisServer:
             command += ["--tls-cert-file", str(self.certificate), "--tls-key-file", str(self._key)]
         else:
             command += ["--port", str(self.port)]
-        self._process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            self._wait_until_ready(time.monotonic() + timeout)
-        except BaseException:
-            self.kill()
-            raise
+        self.launch(command, self._answers_ping, timeout)
 
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to the clients, as when a machine dies."""
-        if self._process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self._process.send_signal(signal.SIGKILL)
-        self._process.wait(timeout=10)
-        self._process = None
+    def did_not_start(self) -> str:
+        return f"redis-server did not start on port {self.port}"
 
     def freeze(self) -> None:
         """SIGSTOP: connections stay open but nothing answers, as with a hung server."""
-        assert self._process is not None
-        self._process.send_signal(signal.SIGSTOP)
+        self.signal(signal.SIGSTOP)
 
     def thaw(self) -> None:
-        assert self._process is not None
-        self._process.send_signal(signal.SIGCONT)
-
-    def _wait_until_ready(self, deadline: float) -> None:
-        while not self._answers_ping():
-            assert self._process is not None
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
+        self.signal(signal.SIGCONT)
 
     def _answers_ping(self) -> bool:
         try:

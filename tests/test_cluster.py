@@ -14,9 +14,9 @@ import aiohttp
 import aiopg
 import pytest
 
-from tests.conftest import REDIS_URL
 from tests.helpers import WAIT, eventually, receive_close, receive_json, receive_until
 from tests.pg_support import temporary_database
+from tests.redis_support import REDIS_URL
 from tests.servers import (
     MANY_CLIENTS_FROM_ONE_ADDRESS,
     Server,

@@ -12,11 +12,10 @@ from uuid import uuid4
 import aiohttp
 import pytest
 
-from sharechat.domain import Member, Room
 from sharechat.memory import MemoryRepository
-from sharechat.ports import MAX_NUMBER, MAX_PAGE, Page, Repository
+from sharechat.ports import MAX_NUMBER, MAX_PAGE, Page
 from tests.conftest import Chat, StartServer
-from tests.helpers import WAIT, receive_json
+from tests.helpers import WAIT, new_member, new_room, receive_json
 
 # Sending fast is the point here: no budget may stand in the way.
 UNLIMITED = {"rate_limit": 0, "ip_rate_limit": 0, "frame_budget": 0}
@@ -105,12 +104,6 @@ async def test_a_busy_room_keeps_only_its_newest_messages(start_server: StartSer
 
 # --- the repositories themselves -------------------------------------------------------
 
-async def new_room(repository: Repository) -> Room:
-    room = Room(id=uuid4(), name="Blue Lagoon")
-    await repository.create_room(room)
-    return room
-
-
 # The repositories' own bounds (trimming, numbers, pages of 1000) are part of the
 # Repository contract: tests/test_repository_contract.py runs them on every adapter.
 
@@ -135,7 +128,7 @@ async def test_memory_keeps_nothing_of_what_it_dropped() -> None:
     """Trimming is O(1) a message: no list rebuilt per message, and no trace left."""
     repository = MemoryRepository(room_max_messages=10)
     room = await new_room(repository)
-    member = Member(uuid4(), "Teal Otter")
+    member = new_member()
     stored = [await repository.add_message(room.id, member, f"m{n}") for n in range(10_000)]
     state = repository._rooms[room.id]
     assert len(state.messages) <= 2 * 10

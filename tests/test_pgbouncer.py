@@ -17,7 +17,7 @@ from sharechat.app import create_app
 from sharechat.config import Config, ConfigError, from_argv
 from sharechat.migrations import default_sql_dir, migrate
 from tests.conftest import Chat
-from tests.helpers import receive_until
+from tests.helpers import receive_until, suite_config
 from tests.pg_support import temporary_database
 from tests.pgbouncer_support import PgBouncer, pgbouncer
 
@@ -53,16 +53,7 @@ async def test_instances_starting_together_migrate_each_file_once(
 async def test_a_chat_with_many_joining_at_once(
     bouncer: PgBouncer, unmigrated_dsn: str, aiohttp_client: Any
 ) -> None:
-    config = Config(
-        host="127.0.0.1",
-        port=0,
-        ip_connection_limit=0,
-        ip_rate_limit=0,
-        room_create_limit=0,
-        frame_budget=0,
-        database_url=bouncer.url(unmigrated_dsn),
-        db_prepared_statements=False,
-    )
+    config = suite_config(database_url=bouncer.url(unmigrated_dsn), db_prepared_statements=False)
     async with asyncio.timeout(WAIT):
         chat = Chat(await aiohttp_client(create_app(config)))
         room = await chat.room()

@@ -30,7 +30,7 @@ from sharechat.ports import Page
 from sharechat.postgres import PostgresRepository, open_postgres_repository
 from sharechat.statements import instances, members, messages, metadata, rooms
 from sharechat.write_statements import PREPARED
-from tests.helpers import eventually
+from tests.helpers import eventually, new_member, new_room, texts
 from tests.pg_support import temporary_database, throwaway_cluster
 
 pytestmark = pytest.mark.services  # real PostgreSQL/Redis: see conftest --backends
@@ -77,20 +77,6 @@ async def pooled_cursor(repository: PostgresRepository) -> AsyncIterator[aiopg.C
         connection.cursor() as cursor,
     ):
         yield cursor
-
-
-async def new_room(repository: PostgresRepository) -> Room:
-    room = Room(id=uuid4(), name="Blue Lagoon")
-    await repository.create_room(room)
-    return room
-
-
-def new_member(name: str = "Teal Otter") -> Member:
-    return Member(id=uuid4(), name=name)
-
-
-async def history(repository: PostgresRepository, room_id: UUID, **page: Any) -> list[str]:
-    return [message.message for message in await repository.list_messages(room_id, Page(**page))]
 
 
 async def emptied_at(dsn: str, room_id: UUID) -> Any:
@@ -396,8 +382,8 @@ async def test_one_batch_keeps_the_call_order_and_the_rooms_emptiness(
         assert await transactions(dsn, stored) == 1
         in_seq_order = sa.select(messages.c.id).where(messages.c.id.in_(stored))
         assert [i for (i,) in await query(dsn, in_seq_order.order_by(messages.c.seq))] == stored
-        assert await history(repository, filled.id) == ["Red Ant joined", "hi"]
-        assert await history(repository, staying.id) == [
+        assert await texts(repository, filled.id) == ["Red Ant joined", "hi"]
+        assert await texts(repository, staying.id) == [
             "Old Fox joined",
             "Old Fox left",
             "Busy Bee joined",
@@ -424,7 +410,7 @@ async def test_a_member_joining_and_leaving_at_once_joins_then_leaves(
         joined, left = await calls
 
         assert left is not None
-        assert await history(repository, room.id) == ["Teal Otter joined", "Teal Otter left"]
+        assert await texts(repository, room.id) == ["Teal Otter joined", "Teal Otter left"]
         assert await repository.list_members(room.id) == []
         assert await emptied_at(dsn, room.id) >= left.sent
         # A batch changes a member once at most: the leave waited for the next one.
@@ -463,7 +449,7 @@ async def test_a_batch_with_a_deleted_room_fails_only_that_rooms_callers(
             "Red Fox left",
         ]
         assert await transactions(dsn, [m.id for m in kept]) == 1  # type: ignore[union-attr]
-        assert await history(repository, live.id) == [
+        assert await texts(repository, live.id) == [
             "Red Fox joined",
             "Teal Otter joined",
             "welcome",
@@ -491,7 +477,7 @@ async def test_a_join_cancelled_in_flight_leaves_at_once(
         # Nobody would ever remove that member: it leaves, and nothing stored is taken
         # back (the room gets both messages from the repository; numbers never repeat).
         assert await repository.list_members(room.id) == []
-        assert await history(repository, room.id) == ["Teal Otter joined", "Teal Otter left"]
+        assert await texts(repository, room.id) == ["Teal Otter joined", "Teal Otter left"]
         assert await emptied_at(dsn, room.id) is not None
         joined = await repository.add_member(room.id, new_member("Red Fox"), uuid4())
         assert joined.number == 3
@@ -571,7 +557,7 @@ async def test_a_lowered_bound_trims_every_room_as_the_repository_opens(dsn: str
             await repository.add_message(small.id, member, "alone")
         async with open_postgres_repository(dsn, room_max_messages=10) as repository:
             assert await repository.list_messages(big.id, Page()) == stored[-10:]
-            assert await history(repository, small.id) == ["alone"]
+            assert await texts(repository, small.id) == ["alone"]
             assert await repository.trim_rooms() == 0
             stored.append(await repository.add_message(big.id, member, "m30"))
             assert await repository.list_messages(big.id, Page()) == stored[-10:]
@@ -822,7 +808,7 @@ async def test_calls_fail_promptly_without_postgres_and_recover_after() -> None:
             # The same object, without re-creation: its pool reconnects by itself.
             await repository.ping()
             await repository.add_message(room.id, member, "back again")
-            assert await history(repository, room.id) == ["Teal Otter joined", "back again"]
+            assert await texts(repository, room.id) == ["Teal Otter joined", "back again"]
 
 
 async def test_calls_time_out_on_a_frozen_server_and_recover_after() -> None:
@@ -843,7 +829,7 @@ async def test_calls_time_out_on_a_frozen_server_and_recover_after() -> None:
             assert results == [None] * len(results)
             await repository.ping()
             await repository.add_message(room.id, member, "thawed")
-            assert (await history(repository, room.id))[-1] == "thawed"
+            assert (await texts(repository, room.id))[-1] == "thawed"
 
 
 def unavailable_calls(

@@ -141,6 +141,12 @@ class Instance:
         async with asyncio.timeout(WAIT):
             return await self.inbox.get()
 
+    async def still_receives_only(self, room: UUID) -> None:
+        """A publish to `room` arrives, and nothing else: what the test stopped stays stopped."""
+        await call(self.queue.publish(room, b"kept"))
+        assert await self.next() == (room, b"kept")
+        await self.received_nothing_more()
+
     async def received_nothing_more(self) -> None:
         """Nothing is delivered beyond what was taken: a marker published now arrives first.
 
@@ -241,9 +247,7 @@ async def test_unsubscribe_stops_delivery(adapter: Adapter) -> None:
     await call(own.queue.unsubscribe(left))
     for sender in senders_to(adapter, own, [other]):
         await call(sender.queue.publish(left, b"after unsubscribe"))
-    await call(own.queue.publish(kept, b"kept"))
-    assert await own.next() == (kept, b"kept")
-    await own.received_nothing_more()
+    await own.still_receives_only(kept)
 
 
 async def test_subscribe_then_unsubscribe_at_once_ends_unsubscribed(adapter: Adapter) -> None:
@@ -300,9 +304,7 @@ async def test_a_cancelled_subscribe_leaves_the_room_unsubscribed(adapter: Adapt
             continue
         await call(own.queue.unsubscribe(cancelled))  # it was done before the cancel came
     await call(own.queue.publish(cancelled, b"nobody listens"))
-    await call(own.queue.publish(kept, b"kept"))
-    assert await own.next() == (kept, b"kept")
-    await own.received_nothing_more()
+    await own.still_receives_only(kept)
 
 
 async def test_ping_answers_while_the_backend_is_up(adapter: Adapter) -> None:

@@ -21,7 +21,7 @@ from sharechat.domain import BackendUnavailable
 from sharechat.redis_cluster_queue import RedisClusterQueue, open_redis_cluster_queue
 from tests.cluster_support import RedisCluster, running_cluster
 from tests.conftest import Chat
-from tests.helpers import eventually, receive_json, receive_until
+from tests.helpers import eventually, receive_json, receive_until, suite_config
 from tests.pg_support import temporary_database
 from tests.redis_support import unique_prefix
 from tests.servers import MANY_CLIENTS_FROM_ONE_ADDRESS, create_room, join, running_servers
@@ -30,7 +30,8 @@ pytestmark = pytest.mark.services  # real PostgreSQL/Redis: see conftest --backe
 
 FAILOVER_WAIT = 30.0  # seconds for a master's death to be noticed, its replica promoted, rejoined
 Inbox = asyncio.Queue[tuple[UUID, bytes]]
-OpenQueue = Callable[..., Awaitable[tuple[RedisClusterQueue, Inbox]]]
+Opened = tuple[RedisClusterQueue, Inbox]
+OpenQueue = Callable[..., Awaitable[Opened]]
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ async def open_queue() -> AsyncIterator[OpenQueue]:
     prefix = unique_prefix("cluster")
     async with contextlib.AsyncExitStack() as stack:
 
-        async def open_(cluster: RedisCluster, **options: Any) -> tuple[RedisClusterQueue, Inbox]:
+        async def open_(cluster: RedisCluster, **options: Any) -> Opened:
             opened = open_redis_cluster_queue(
                 cluster.url, prefix=prefix, instance_id=uuid4(), **options
             )
@@ -58,6 +59,12 @@ async def open_queue() -> AsyncIterator[OpenQueue]:
             return queue, inbox
 
         yield open_
+
+
+async def two_instances(open_queue: OpenQueue, cluster: RedisCluster) -> tuple[Opened, Opened]:
+    """Two queues ("instances") on `cluster`, opened at once."""
+    first, second = await asyncio.gather(open_queue(cluster), open_queue(cluster))
+    return first, second
 
 
 RECOVERED = UUID(int=0)  # what the inbox gets when the queue says "recovered"
@@ -100,9 +107,7 @@ def subscribers(cluster: RedisCluster, name: str) -> int:
 async def test_rooms_on_every_shard_reach_the_other_instance(
     redis_cluster: RedisCluster, open_queue: OpenQueue
 ) -> None:
-    (alpha, alpha_inbox), (beta, beta_inbox) = await asyncio.gather(
-        open_queue(redis_cluster), open_queue(redis_cluster)
-    )
+    (alpha, alpha_inbox), (beta, beta_inbox) = await two_instances(open_queue, redis_cluster)
     prefix = alpha._prefix
     rooms = rooms_on_every_master(redis_cluster, prefix)
     assert len(rooms) == 3
@@ -138,9 +143,7 @@ async def test_each_room_is_subscribed_on_its_own_master_only_while_served(
 async def test_unsubscribe_stops_delivery(
     redis_cluster: RedisCluster, open_queue: OpenQueue
 ) -> None:
-    (queue, inbox), (other, _) = await asyncio.gather(
-        open_queue(redis_cluster), open_queue(redis_cluster)
-    )
+    (queue, inbox), (other, _) = await two_instances(open_queue, redis_cluster)
     left, staying = uuid4(), uuid4()
     await call(queue.subscribe(left))
     await call(queue.subscribe(staying))
@@ -154,9 +157,7 @@ async def test_unsubscribe_stops_delivery(
 async def test_a_burst_keeps_each_rooms_order_on_every_instance(
     redis_cluster: RedisCluster, open_queue: OpenQueue
 ) -> None:
-    (alpha, alpha_inbox), (beta, beta_inbox) = await asyncio.gather(
-        open_queue(redis_cluster), open_queue(redis_cluster)
-    )
+    (alpha, alpha_inbox), (beta, beta_inbox) = await two_instances(open_queue, redis_cluster)
     rooms = list(rooms_on_every_master(redis_cluster, alpha._prefix).values())
     for room in rooms:
         await call(alpha.subscribe(room))
@@ -172,9 +173,7 @@ async def test_a_burst_keeps_each_rooms_order_on_every_instance(
 async def test_concurrent_subscribe_unsubscribe_subscribe_ends_subscribed(
     redis_cluster: RedisCluster, open_queue: OpenQueue
 ) -> None:
-    (queue, inbox), (other, _) = await asyncio.gather(
-        open_queue(redis_cluster), open_queue(redis_cluster)
-    )
+    (queue, inbox), (other, _) = await two_instances(open_queue, redis_cluster)
     room = uuid4()
     first = asyncio.create_task(queue.subscribe(room))
     await queue.unsubscribe(room)
@@ -229,9 +228,7 @@ async def test_two_server_processes_share_the_cluster(redis_cluster: RedisCluste
 async def test_a_subscription_killed_by_a_master_is_rebuilt_and_recovered(
     redis_cluster: RedisCluster, open_queue: OpenQueue
 ) -> None:
-    (queue, inbox), (other, _) = await asyncio.gather(
-        open_queue(redis_cluster), open_queue(redis_cluster)
-    )
+    (queue, inbox), (other, _) = await two_instances(open_queue, redis_cluster)
     room = uuid4()
     await call(queue.subscribe(room))
     with Redis(port=redis_cluster.master_port(channel(queue._prefix, room))) as master:
@@ -245,9 +242,7 @@ async def test_a_subscription_killed_by_a_master_is_rebuilt_and_recovered(
 async def test_a_room_follows_its_slot_to_another_master(
     own_cluster: RedisCluster, open_queue: OpenQueue
 ) -> None:
-    (alpha, alpha_inbox), (beta, _) = await asyncio.gather(
-        open_queue(own_cluster), open_queue(own_cluster)
-    )
+    (alpha, alpha_inbox), (beta, _) = await two_instances(open_queue, own_cluster)
     room = uuid4()
     name = channel(alpha._prefix, room)
     await call(alpha.subscribe(room))
@@ -275,9 +270,7 @@ async def test_a_room_follows_its_slot_to_another_master(
 async def test_a_dead_master_is_reported_and_its_replica_takes_over(
     own_cluster: RedisCluster, open_queue: OpenQueue
 ) -> None:
-    (alpha, alpha_inbox), (beta, _) = await asyncio.gather(
-        open_queue(own_cluster), open_queue(own_cluster)
-    )
+    (alpha, alpha_inbox), (beta, _) = await two_instances(open_queue, own_cluster)
     rooms = rooms_on_every_master(own_cluster, alpha._prefix)
     for room in rooms.values():
         await call(alpha.subscribe(room))
@@ -360,13 +353,7 @@ async def answers(queue: RedisClusterQueue) -> bool:
 async def test_a_chat_survives_a_master_failover_with_nothing_acknowledged_lost(
     aiohttp_client: Any, database_url: str, own_cluster: RedisCluster
 ) -> None:
-    config = Config(
-        host="127.0.0.1",
-        port=0,
-        ip_connection_limit=0,
-        ip_rate_limit=0,
-        room_create_limit=0,
-        frame_budget=0,
+    config = suite_config(
         rate_limit=0,
         database_url=database_url,
         redis_url=own_cluster.url,

@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import pytest
 
-from sharechat.domain import Member, Message, MessageNotFound, MessageType, Room, RoomNotFound
+from sharechat.domain import Message, MessageNotFound, MessageType, Room, RoomNotFound
 from sharechat.memory import MemoryRepository
 from sharechat.ports import MAX_PAGE, Page, Repository
+from tests.helpers import new_member, new_room, texts
 from tests.pg_support import temporary_database
 from tests.pgbouncer_support import PgBouncer, pgbouncer
 
@@ -84,20 +85,6 @@ async def repository(open_repository: OpenRepository) -> AsyncIterator[Repositor
     """A repository that keeps every message."""
     async with asyncio.timeout(WAIT), open_repository(0) as opened:
         yield opened
-
-
-async def new_room(repository: Repository) -> Room:
-    room = Room(id=uuid4(), name="Blue Lagoon")
-    await repository.create_room(room)
-    return room
-
-
-def new_member(name: str = "Teal Otter") -> Member:
-    return Member(id=uuid4(), name=name)
-
-
-async def texts(repository: Repository, room_id: UUID, page: Page | None = None) -> list[str]:
-    return [m.message for m in await repository.list_messages(room_id, page or Page())]
 
 
 # --- rooms and members -----------------------------------------------------------------
