@@ -93,7 +93,6 @@ COLUMNS: dict[Kind, list[Column]] = {
         ("connects/s", lambda r: num(r.connects_per_s)),
         ("KiB/conn", lambda r: num(r.kib_per_conn, 1)),
         *LATENCY,
-        COSTS,
         *CHECKS,
     ],
     Kind.CHURN: [("joins/s", lambda r: num(r.joins_per_s)), *LATENCY, *CHECKS],
