@@ -230,7 +230,7 @@ def report(paths: list[Path], plot_path: Path) -> None:
         rows.update({(r.scenario, r.label): r for r in results})
     merged = list(rows.values())
     instances = max(r.instances for r in merged)
-    heading = title(", ".join(dict.fromkeys(commits)), instances, any(r.cluster for r in merged))
+    heading = title(", ".join(dict.fromkeys(commits)), instances, all(r.cluster for r in merged))
     print(f"## {heading}\n\n{markdown(merged, judge(merged))}")
     plot(plot_path, merged, heading)
     print(f"\nsaved {plot_path}", file=sys.stderr)
