@@ -72,6 +72,11 @@ class Setup:
     server_env: dict[str, str] = field(default_factory=dict)  # more settings for sharechat
     original_dir: Path = ORIGINAL_DIR
 
+    @property
+    def cluster(self) -> bool:
+        """sharechat's Redis is a Redis Cluster (a redis+cluster:// URL)."""
+        return urlsplit(self.redis_url).scheme.endswith("+cluster")
+
 
 def original_binary(setup: Setup) -> Path | None:
     """The original's executable, if it is there."""
@@ -85,6 +90,9 @@ class Servers:
 
     processes: tuple[subprocess.Popen[bytes], ...]
     base_urls: tuple[str, ...]
+    # sharechat's stores, whose spending the run measures (the original's are not):
+    database_url: str | None = None
+    redis_url: str | None = None
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -125,7 +133,7 @@ def running(backend: Backend, setup: Setup, log: IO[bytes]) -> Iterator[Servers]
             processes.append(proc)
             urls.append(f"http://127.0.0.1:{port}")
             wait_ready(proc, urls[-1])
-        yield Servers(tuple(processes), tuple(urls))
+        yield Servers(tuple(processes), tuple(urls), env.get("DATABASE_URL"), env.get("REDIS_URL"))
 
 
 def command(backend: Backend, setup: Setup, port: int) -> list[str]:
@@ -142,11 +150,16 @@ def command(backend: Backend, setup: Setup, port: int) -> list[str]:
 # budgets per member, per address and per connection would measure themselves.
 # The original has none of these flags.
 UNLIMITED = (
-    "--rate-limit", "0",
-    "--ip-rate-limit", "0",
-    "--ip-connection-limit", "0",
-    "--room-create-limit", "0",
-    "--frame-budget", "0",
+    "--rate-limit",
+    "0",
+    "--ip-rate-limit",
+    "0",
+    "--ip-connection-limit",
+    "0",
+    "--room-create-limit",
+    "0",
+    "--frame-budget",
+    "0",
 )
 
 

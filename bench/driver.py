@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
+from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from bench.backends import Servers
+from bench.costs import Probe, Spent
 from bench.plan import Plan, Seat, Tally
 from bench.procfs import Meter, Usage, rss_kib
 from bench.scenarios import Kind, Scenario
@@ -37,6 +39,8 @@ class Sample:
     # From t0 (warm-up included) until the window ends:
     sending: Usage = field(default_factory=Usage)
     sending_seconds: float = 0.0
+    # What PostgreSQL and Redis spent in the measured window (warm-up excluded):
+    spent: Spent = field(default_factory=Spent)
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Raw:
     tallies: list[Tally]
     sample: Sample
     stale: int  # members still listed STALE_TIMEOUT after every connection closed
+    instances_per_room: float = 1.0  # that its members are connected to, on average
 
 
 def run_scenario(sc: Scenario, servers: Servers, processes: int) -> Raw:
@@ -53,7 +58,8 @@ def run_scenario(sc: Scenario, servers: Servers, processes: int) -> Raw:
     room_ids = asyncio.run(create_rooms(base_url, sc.rooms))
     plans = make_plans(sc, servers.base_urls, room_ids, processes)
     sample = Sample(rss_before_kib=rss_kib(server_pids))
-    with workers(plans) as conns:
+    probe = Probe(servers.database_url, servers.redis_url)
+    with closing(probe), workers(plans) as conns:
         gather(conns, "spawned")
         meter, started = Meter(server_pids), time.monotonic()
         broadcast(conns, "connect", None)
@@ -64,7 +70,8 @@ def run_scenario(sc: Scenario, servers: Servers, processes: int) -> Raw:
         sample.rss_connected_kib = rss_kib(server_pids)
         t0 = time.monotonic_ns() + START_DELAY_NS
         broadcast(conns, "go", t0)
-        measure(sample, server_pids, t0, t0 + int((sc.warmup + sc.duration) * 1e9))
+        window_ns = t0 + int(sc.warmup * 1e9), t0 + int((sc.warmup + sc.duration) * 1e9)
+        measure(sample, server_pids, probe, t0, window_ns)
         sent: dict[int, tuple[int, int]] = {}
         for part in gather(conns, "sent"):
             sent.update(part)
@@ -73,7 +80,17 @@ def run_scenario(sc: Scenario, servers: Servers, processes: int) -> Raw:
     seated = [sum(1 for p in plans for seat in p.seats if seat.room == r) for r in range(sc.rooms)]
     # A crashed server lists nobody: its row says crashed instead.
     stale = 0 if servers.crashed else asyncio.run(stale_members(base_url, room_ids, seated))
-    return Raw(sc, len(plans), tallies, sample, stale)
+    return Raw(sc, len(plans), tallies, sample, stale, instances_per_room(plans))
+
+
+def instances_per_room(plans: list[Plan]) -> float:
+    """The instances a room's members are connected to, on average over the rooms: each
+    subscribes to the room, so each publish costs Redis that many deliveries."""
+    spanned: defaultdict[int, set[int]] = defaultdict(set)
+    for plan in plans:
+        for seat in plan.seats:
+            spanned[seat.room].add(seat.instance)
+    return sum(map(len, spanned.values())) / len(spanned) if spanned else 0.0
 
 
 async def create_rooms(base_url: str, count: int) -> tuple[str, ...]:
@@ -158,13 +175,20 @@ def make_seats(sc: Scenario, instances: int = 1) -> Iterator[Seat]:
                 yield Seat(idx, room, inflight=sc.inflight, instance=instance)
 
 
-def measure(sample: Sample, pids: tuple[int, ...], start_ns: int, end_ns: int) -> None:
-    """CPU of the server and of the whole machine from start_ns to end_ns (monotonic)."""
-    sleep_until(start_ns)
+def measure(
+    sample: Sample, pids: tuple[int, ...], probe: Probe, t0: int, window_ns: tuple[int, int]
+) -> None:
+    """CPU of the server and of the whole machine from t0 to the window's end (monotonic);
+    what the stores spent in the window itself, as the throughput figures count it."""
+    start_ns, end_ns = window_ns
+    sleep_until(t0)
     meter = Meter(pids)
+    sleep_until(start_ns)
+    before = probe.read()
     sleep_until(end_ns)
     sample.sending = meter.read()
-    sample.sending_seconds = (end_ns - start_ns) / 1e9
+    sample.sending_seconds = (end_ns - t0) / 1e9
+    sample.spent = probe.read() - before
 
 
 def sleep_until(t_ns: int) -> None:

@@ -35,6 +35,16 @@ def cpu(r: Result) -> str:
     return f"{r.client_cpu:.2f}{mark}/" + "/".join(f"{v:.2f}" for v in others)
 
 
+def costs(r: Result) -> str:
+    """Redis CPU ms per 1,000 deliveries, PostgreSQL commits and WAL bytes per message."""
+    figures = (r.redis_ms_per_1k_deliveries, r.pg_commits_per_message, r.wal_bytes_per_message)
+    if all(v is None for v in figures):
+        return ""
+    redis, commits, wal = (num(v, d) or "-" for v, d in zip(figures, (2, 3, 0), strict=True))
+    return f"{redis} · {commits} · {wal}"
+
+
+COSTS: Column = ("redis ms/1k del · PG commits/msg · WAL B/msg", costs)
 CHECKS: list[Column] = [
     ("failed", lambda r: str(r.failed)),
     ("lost", lambda r: str(r.lost)),
@@ -63,6 +73,7 @@ COLUMNS: dict[Kind, list[Column]] = {
         ("deliveries/s", lambda r: num(r.deliveries_per_s)),
         *LATENCY,
         ("ack p50/p99", lambda r: spread(r.ack_p50_ms, r.ack_p99_ms)),
+        COSTS,
         *CHECKS,
     ],
     Kind.OPEN_LOOP: [
@@ -74,6 +85,7 @@ COLUMNS: dict[Kind, list[Column]] = {
             lambda r: spread(r.ack_p50_ms, r.ack_p90_ms, r.ack_p99_ms, r.ack_max_ms),
         ),
         ("lag p99", lambda r: ms(r.lag_p99_ms)),
+        COSTS,
         *CHECKS,
     ],
     Kind.CONNECTIONS: [

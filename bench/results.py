@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
+from bench.costs import Spent
 from bench.driver import Raw
 from bench.plan import Tally
 from bench.procfs import Usage
@@ -18,6 +19,7 @@ class Result:
     acked_per_s: float = 0.0
     deliveries_per_s: float = 0.0
     instances: int = 1  # servers on one database and one Redis
+    cluster: bool = False  # sharechat's Redis was a Redis Cluster
     offered_per_s: float | None = None  # open loop: messages a second sent on schedule
     p50_ms: float | None = None  # send -> receipt by the other members (churn: join time)
     p90_ms: float | None = None
@@ -46,6 +48,14 @@ class Result:
     server_cpu: float = 0.0  # the server process
     machine_cpu: float = 0.0  # the whole machine (server, databases, generator, others)
     background_cpu: float = 0.0  # cores busy on the machine just before the server started
+    # What the stores spent on the messages acked in the measured window (sharechat with
+    # PostgreSQL and/or Redis). Redis made one delivery per publish per instance with a
+    # member in the room: messages x the instances a room spans.
+    redis_deliveries: int = 0
+    redis_cpu_ms: dict[str, float] = field(default_factory=dict)  # per Redis (master)
+    redis_ms_per_1k_deliveries: float | None = None  # all of them together
+    pg_commits_per_message: float | None = None  # of the cell's database
+    wal_bytes_per_message: float | None = None  # of the whole PostgreSQL server
     processes: int = 0
     crashed: bool = False
     commit: str = ""  # of the server code, when it was started
@@ -53,8 +63,10 @@ class Result:
 
     @property
     def label(self) -> str:
-        """The row's name in the tables: the backend, and its instance count when several."""
-        return self.backend if self.instances == 1 else f"{self.backend} x{self.instances}"
+        """The row's name in the tables: the backend, on a Redis Cluster or not, and its
+        instance count when several."""
+        name = self.backend + (" cluster" if self.cluster else "")
+        return name if self.instances == 1 else f"{name} x{self.instances}"
 
     @property
     def worst_p99_ms(self) -> float | None:
@@ -83,6 +95,8 @@ def summarize(raw: Raw, backend: str, instances: int = 1) -> Result:
     )
     add_delivery(result, tallies)
     add_latency(result, raw)
+    messages = sum(len(t.ack_us) for t in tallies)
+    add_costs(result, raw.sample.spent, messages, round(messages * raw.instances_per_room))
     if sc.kind is Kind.CONNECTIONS:
         add_connections(result, raw)
     else:
@@ -121,6 +135,20 @@ def add_cpu(result: Result, usage: Usage, client_seconds: list[float], wall: flo
         result.client_cpu_max = max(client_seconds, default=0.0) / wall
         result.server_cpu = usage.server / wall
         result.machine_cpu = usage.machine / wall
+
+
+def add_costs(result: Result, spent: Spent, messages: int, redis_deliveries: int) -> None:
+    """The stores' spending per message (PostgreSQL) and per 1,000 deliveries (Redis)."""
+    result.redis_cpu_ms = spent.redis_cpu_ms
+    if spent.redis_cpu_ms:
+        result.redis_deliveries = redis_deliveries
+        if redis_deliveries:
+            total = sum(spent.redis_cpu_ms.values())
+            result.redis_ms_per_1k_deliveries = total * 1000 / redis_deliveries
+    if messages and spent.commits is not None:
+        result.pg_commits_per_message = spent.commits / messages
+    if messages and spent.wal_bytes is not None:
+        result.wal_bytes_per_message = spent.wal_bytes / messages
 
 
 def add_delivery(result: Result, tallies: list[Tally]) -> None:

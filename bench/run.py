@@ -2,6 +2,7 @@
 
 python -m bench.run [--backends original,memory,postgres,postgres+redis,bare]
                     [--scenarios latency,throughput,...] [--quick] [--instances N]
+                    [--redis-cluster | --own-redis]
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from bench.backends import (
@@ -25,8 +27,10 @@ from bench.backends import (
     Program,
     Setup,
     original_binary,
+    own_redis,
     running,
 )
+from bench.cluster import redis_cluster
 from bench.driver import run_scenario
 from bench.procfs import raise_fd_limit, wait_quiet
 from bench.report import load_json, markdown, plot, save_json
@@ -65,6 +69,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--redis-url", default=REDIS_URL, help="sharechat's REDIS_URL (env BENCH_REDIS_URL)"
+    )
+    own = parser.add_mutually_exclusive_group()
+    own.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="start a throwaway Redis Cluster (3 masters) for the run and give sharechat "
+        "its redis+cluster:// URL (postgres+redis only)",
+    )
+    own.add_argument(
+        "--own-redis",
+        action="store_true",
+        help="start a throwaway redis-server for the run instead of --redis-url, so that "
+        "its INFO cpu counts this run alone",
     )
     parser.add_argument(
         "--server-env",
@@ -111,6 +128,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     redis_backends = [b for b in BACKENDS if BACKENDS[b].redis]
     if args.instances < 1:
         parser.error("--instances: at least 1")
+    if args.redis_cluster:  # the original runs on a Redis of its own, never on the cluster
+        cluster_backends = [b for b in redis_backends if not BACKENDS[b].reference]
+        args.backends = args.backends or cluster_backends
+        if set(args.backends) - set(cluster_backends):
+            parser.error(f"--redis-cluster: choose backends among {cluster_backends}")
     if args.backends is None:
         args.backends = redis_backends if args.instances > 1 else list(BACKENDS)
     elif args.instances > 1 and set(args.backends) - set(redis_backends):
@@ -145,8 +167,24 @@ def main(argv: list[str] | None = None) -> None:
         print(spread([load_json(path)[1] for path in args.spread]))
         return
     raise_fd_limit()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / f"{stamp}-redis.log").open("wb") as log, ExitStack() as stack:
+        redis_url = own_redis_url(args, log, stack) or args.redis_url
+        run(args, stamp, Setup(args.instances, redis_url, dict(args.server_env), args.original))
+
+
+def own_redis_url(args: argparse.Namespace, log: IO[bytes], stack: ExitStack) -> str | None:
+    """The URL of the Redis (or Redis Cluster) started for this run, stopped with `stack`."""
+    if args.redis_cluster:
+        return stack.enter_context(redis_cluster(log))
+    if args.own_redis:
+        return f"redis://{stack.enter_context(own_redis(log))}/0"
+    return None
+
+
+def run(args: argparse.Namespace, stamp: str, setup: Setup) -> None:
     scenarios = select(args.scenarios, args.quick, args.duration, args.warmup)
-    setup = Setup(args.instances, args.redis_url, dict(args.server_env), args.original)
     backends = [BACKENDS[b] for b in args.backends]
     if BACKENDS["original"] in backends and original_binary(setup) is None:
         print(
@@ -154,7 +192,6 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         backends.remove(BACKENDS["original"])
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     results = [
         bench(backend, sc, setup, args, RESULTS / f"{stamp}-{backend.name}-{sc.name}.log")
         for backend in backends
@@ -164,33 +201,36 @@ def main(argv: list[str] | None = None) -> None:
         return
     verdicts = judge(results)
     commit = ", ".join(dict.fromkeys(r.commit for r in results if r.commit))
-    print(f"\n## {title(commit, args.instances)}\n\n{markdown(results, verdicts)}")
+    heading = title(commit, args.instances, setup.cluster)
+    print(f"\n## {heading}\n\n{markdown(results, verdicts)}")
     meta = {
         "timestamp": stamp,
         "commit": commit,
         "quick": args.quick,
         "processes": args.processes,
         "instances": args.instances,
-        "redis_url": without_credentials(args.redis_url),
+        "redis_url": without_credentials(setup.redis_url),
+        "redis_cluster": setup.cluster,
         "scenarios": [vars(sc) for sc in scenarios],
     }
     save_json(RESULTS / f"{stamp}.json", meta, results, verdicts)
     plot_path = args.plot or (RESULTS / f"{stamp}.png" if args.quick else PLOT)
     quick = " (quick)" if args.quick else ""
-    plot(plot_path, results, f"{title(commit, args.instances)} — {stamp}" + quick)
+    plot(plot_path, results, f"{heading} — {stamp}" + quick)
     print(f"\nsaved {RESULTS / f'{stamp}.json'} and {plot_path}", file=sys.stderr)
 
 
 def report(paths: list[Path], plot_path: Path) -> None:
     """Merge saved records: one row per scenario and backend, the latest file winning."""
-    rows: dict[tuple[str, str, int], Result] = {}
+    rows: dict[tuple[str, str], Result] = {}
     commits: list[str] = []
     for path in paths:
         _, results = load_json(path)
         commits.extend(r.commit for r in results if r.commit)
-        rows.update({(r.scenario, r.backend, r.instances): r for r in results})
+        rows.update({(r.scenario, r.label): r for r in results})
     merged = list(rows.values())
-    heading = title(", ".join(dict.fromkeys(commits)), max(r.instances for r in merged))
+    instances = max(r.instances for r in merged)
+    heading = title(", ".join(dict.fromkeys(commits)), instances, all(r.cluster for r in merged))
     print(f"## {heading}\n\n{markdown(merged, judge(merged))}")
     plot(plot_path, merged, heading)
     print(f"\nsaved {plot_path}", file=sys.stderr)
@@ -202,9 +242,12 @@ def without_credentials(url: str) -> str:
     return parts._replace(netloc=host).geturl()
 
 
-def title(commit: str, instances: int) -> str:
+def title(commit: str, instances: int, cluster: bool = False) -> str:
     where = f"{os.cpu_count()} cores"
-    return f"sharechat {commit}, {where}" + (f", {instances} instances" if instances > 1 else "")
+    several = f", {instances} instances" if instances > 1 else ""
+    return f"sharechat {commit}, {where}{several}" + (
+        ", Redis Cluster (3 masters)" if cluster else ""
+    )
 
 
 def bench(
@@ -212,7 +255,8 @@ def bench(
 ) -> Result:
     """One scenario on freshly started servers; a failure becomes a row, not an abort."""
     instances = setup.instances if backend.redis else 1
-    label = backend.name + (f" x{instances}" if instances > 1 else "")
+    cluster = backend.redis and not backend.reference and setup.cluster
+    label = Result(sc.name, backend.name, instances=instances, cluster=cluster).label
     print(f"{label} / {sc.name} ...", end=" ", file=sys.stderr, flush=True)
     background = wait_quiet(QUIET_CORES, args.quiet_wait)
     if background >= QUIET_CORES:
@@ -232,6 +276,7 @@ def bench(
             log.write(traceback.format_exc().encode())
             error = "" if crashed else f"{type(exc).__name__}: {exc}"
             result = Result(sc.name, backend.name, instances=instances, error=error)
+    result.cluster = cluster
     result.crashed = crashed
     if crashed:  # the memory of a process that is gone says nothing
         result.kib_per_conn = None

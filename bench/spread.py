@@ -19,6 +19,9 @@ FIGURES = (  # (Result attribute, header)
     ("joins_per_s", "joins/s"),
     ("p99_ms", "p99 ms"),
     ("ack_p99_ms", "ack p99 ms"),
+    ("redis_ms_per_1k_deliveries", "redis ms/1k del"),
+    ("pg_commits_per_message", "PG commits/msg"),
+    ("wal_bytes_per_message", "WAL B/msg"),
 )
 
 

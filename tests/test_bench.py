@@ -8,8 +8,9 @@ from itertools import pairwise
 
 import pytest
 
-from bench.driver import make_plans, make_seats
-from bench.results import Result
+from bench.costs import Counters, Spent, lsn_bytes
+from bench.driver import instances_per_room, make_plans, make_seats
+from bench.results import Result, add_costs
 from bench.run import parse_args
 from bench.scenarios import SCENARIOS
 from bench.spread import spread
@@ -108,6 +109,43 @@ def test_several_instances_take_the_backends_that_share_through_redis() -> None:
     assert parse_args([]).backends == ["original", "memory", "postgres", "postgres+redis", "bare"]
     with pytest.raises(SystemExit):
         parse_args(["--instances", "2", "--backends", "memory"])
+
+
+def test_the_cluster_takes_sharechat_with_redis_alone_and_names_its_rows() -> None:
+    assert parse_args(["--redis-cluster"]).backends == ["postgres+redis"]
+    for others in ("original", "postgres"):
+        with pytest.raises(SystemExit):
+            parse_args(["--redis-cluster", "--backends", others])
+    assert row("big-room", "postgres+redis", instances=2, cluster=True).label == (
+        "postgres+redis cluster x2"
+    )
+
+
+@pytest.mark.parametrize(("instances", "spanned"), [(1, 1.0), (2, 2.0), (3, 2.0)])
+def test_redis_delivers_each_publish_to_every_instance_a_room_spans(
+    instances: int, spanned: float
+) -> None:
+    urls = tuple(f"http://{i}" for i in range(instances))
+    plans = make_plans(MANY_ROOMS, urls, ("room",) * MANY_ROOMS.rooms, processes=2)
+    assert instances_per_room(plans) == spanned  # 2 members a room
+
+
+def test_the_stores_spending_is_the_difference_of_two_readings() -> None:
+    assert lsn_bytes("1/0") - lsn_bytes("0/FFFFFF00") == 256  # pg_wal_lsn_diff
+    before = Counters({"a:1": 1.5, "b:2": 2.0}, commits=100, wal_lsn="0/1000")
+    after = Counters({"a:1": 1.75, "b:2": 2.5, "c:3": 9.0}, commits=130, wal_lsn="0/5000")
+    assert after - before == Spent({"a:1": 250.0, "b:2": 500.0}, commits=30, wal_bytes=0x4000)
+    assert Counters() - Counters() == Spent()
+
+
+def test_the_stores_spending_is_given_per_message_and_per_1000_redis_deliveries() -> None:
+    result = row("many-rooms", "postgres+redis")
+    add_costs(result, Spent({"a:1": 30.0, "b:2": 10.0}, 50, 400_000), 1000, 2000)
+    assert result.redis_ms_per_1k_deliveries == 20.0  # 40 ms over 2,000 deliveries
+    assert (result.pg_commits_per_message, result.wal_bytes_per_message) == (0.05, 400.0)
+    memory = row("many-rooms", "memory")
+    add_costs(memory, Spent(), 1000, 1000)
+    assert memory.redis_ms_per_1k_deliveries is memory.pg_commits_per_message is None
 
 
 def test_spread_gives_the_median_and_range_and_counts_runs_that_met_a_target() -> None:
