@@ -35,7 +35,6 @@ from sharechat.redis_wire import TIMEOUT, describe
 log = logging.getLogger(__name__)
 
 _CANARY_TAGS = 1 << 16  # hash tags tried for a canary (a few do, unless the prefix has a tag)
-_STALL_INTERVALS = 3  # canary intervals without any reply, once Redis took a canary
 
 
 @contextlib.asynccontextmanager
@@ -126,7 +125,7 @@ class _Shards(Rooms):
         super().__init__()
         self._cluster = cluster
         self._canary_prefix = canary_prefix
-        self._stall_after = _STALL_INTERVALS * canary_interval
+        self._canary_interval = canary_interval
         self._shards: dict[str, Shard] = {}
         self._where: dict[bytes, Shard] = {}  # the shard each room is subscribed on
         self._remap = asyncio.Event()
@@ -188,7 +187,7 @@ class _Shards(Rooms):
     def _move(self, channel: bytes, node: ClusterNode) -> Shard:
         shard = self._shards.get(node.name)
         if shard is None:
-            shard = self._shards[node.name] = Shard(node, self, self._stall_after)
+            shard = self._shards[node.name] = Shard(node, self, self._canary_interval)
         old = self._where.get(channel)
         if old is not None and old is not shard:
             old.unsubscribe(channel)

@@ -66,8 +66,8 @@ class ShardOwner(Protocol):
 class Shard(Subscription):
     """One master's pub/sub connection: subscriptions, the listener loop, the canary watchdog."""
 
-    def __init__(self, node: ClusterNode, owner: ShardOwner, stall_after: float) -> None:
-        super().__init__(stall_after, "redis cluster", f"redis cluster: {node.name}")
+    def __init__(self, node: ClusterNode, owner: ShardOwner, canary_interval: float) -> None:
+        super().__init__(canary_interval, "redis cluster", f"redis cluster: {node.name}")
         self.node = node
         self._owner = owner
         self.channels: dict[bytes, UUID] = {}  # the rooms this shard is to hold

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
+_STALL_INTERVALS = 3  # canary intervals without any reply, once Redis took a canary
 
 Listen = Callable[[asyncio.Timeout], Awaitable[None]]  # reads replies until one fails
 
@@ -131,8 +132,8 @@ class Subscription:
     _listen_for_stalls), sends commands on it (_send) and says what losing it means (_lost).
     """
 
-    def __init__(self, stall_after: float, service: str, where: str) -> None:
-        self._stall_after = stall_after
+    def __init__(self, canary_interval: float, service: str, where: str) -> None:
+        self._stall_after = _STALL_INTERVALS * canary_interval
         self._service = service  # what errors name: "redis", "redis cluster"
         self._where = where  # what an unconfirmed subscribe names: the service, or its node
         # Redis confirms subscribes in the order they were sent on the connection, so each

@@ -40,8 +40,6 @@ from sharechat.redis_wire import (
 
 log = logging.getLogger(__name__)
 
-_STALL_INTERVALS = 3  # canary intervals without any reply, once Redis took a canary
-
 
 @contextlib.asynccontextmanager
 async def open_redis_queue(
@@ -63,7 +61,7 @@ async def open_redis_queue(
     client = Redis.from_pool(pool)
     canary_channel = f"{prefix}instance:{instance_id}".encode()
     publisher = PublishPipeline(pool)
-    subscriber = _Subscriber(pool, canary_channel, _STALL_INTERVALS * canary_interval)
+    subscriber = _Subscriber(pool, canary_channel, canary_interval)
     tasks = [
         asyncio.create_task(publisher.run(), name="redis-queue-publisher"),
         asyncio.create_task(subscriber.run(), name="redis-queue-listener"),
@@ -111,9 +109,9 @@ class RedisQueue(RoomChannelQueue):
 class _Subscriber(Rooms, Subscription):
     """The subscriber connection: every room of the instance on it, and its canary."""
 
-    def __init__(self, pool: BlockingConnectionPool, canary_channel: bytes, stall_after: float):
+    def __init__(self, pool: BlockingConnectionPool, canary_channel: bytes, canary_interval: float):
         Rooms.__init__(self)
-        Subscription.__init__(self, stall_after, "redis", "redis")
+        Subscription.__init__(self, canary_interval, "redis", "redis")
         self._pool = pool
         self._canary_channel = canary_channel
         self._conn: PubSubConnection | None = None
