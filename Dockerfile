@@ -7,11 +7,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY . .
-# `pip install .` also puts sql/ where the installed server looks for it (share/sharechat/sql).
-RUN pip install . \
-    && useradd --system --no-create-home --shell /usr/sbin/nologin sharechat \
-    && rm -rf /src
+# Dependencies first, from setup.cfg alone: this layer is rebuilt only when they change,
+# not on every change of the code.
+COPY setup.cfg pyproject.toml ./
+RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); print(c['options']['install_requires'])" > requirements.txt \
+    && pip install -r requirements.txt \
+    && useradd --system --no-create-home --shell /usr/sbin/nologin sharechat
+
+# The code last. `pip install .` also puts sql/ where the installed server looks for it
+# (share/sharechat/sql).
+COPY README.md ./
+COPY sql sql
+COPY sharechat sharechat
+RUN pip install --no-deps . && rm -rf /src
 
 WORKDIR /tmp
 USER sharechat

@@ -124,6 +124,11 @@ class Budgets:
         self._speech = _Buckets(config.ip_rate_limit, config.rate_burst)
         self._rooms = _Buckets(config.room_create_limit, config.room_create_burst)
 
+    @property
+    def open_connections(self) -> int:
+        """Websockets open on this instance."""
+        return self._open_total
+
     def create_room(self, address: str | None) -> None:
         """Spend one room creation of the client; raises BudgetExceeded."""
         key = client_key(address)

@@ -52,6 +52,12 @@ class Config:
     db_prepared_statements: bool = True  # off behind PgBouncer in transaction mode
     backend_timeout: float = 5.0
     instance_lease: float = 6.0  # a dead instance's members are reaped within this + lease/3
+    log_format: str = "text"  # text | json (one object a line)
+    access_log: bool = False
+    startup_timeout: float = 60.0  # seconds to keep retrying an unreachable PostgreSQL at start
+    no_migrate: bool = False  # migrations run elsewhere (`sharechat migrate`, a release phase)
+    metrics_port: int = 0  # 0: /metrics on the main port, for metrics_allow_ips only
+    metrics_allow_ips: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
 
     @property
     def redis_cluster(self) -> bool:
@@ -100,6 +106,23 @@ def _log_level(text: str) -> str:
     if level not in logging.getLevelNamesMapping():
         raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
     return level
+
+
+def _log_format(text: str) -> str:
+    value = text.lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
+
+
+def _switch(text: str) -> bool:
+    """A flag given alone is on; a value says which (the environment's 1/0, true/false)."""
+    value = text.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be on or off (1/0, true/false)")
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -294,7 +317,33 @@ _SETTINGS = (
         "instance_lease", "--instance-lease", "SHARECHAT_INSTANCE_LEASE", _positive_seconds,
         "seconds after which a silent instance's members are removed",
     ),
+    _Setting(
+        "log_format", "--log-format", "LOG_FORMAT", _log_format,
+        "text, or json: one JSON object a line",
+    ),
+    _Setting(
+        "access_log", "--access-log", "SHARECHAT_ACCESS_LOG", _switch,
+        "log every HTTP request and websocket, in the log format",
+    ),
+    _Setting(
+        "startup_timeout", "--startup-timeout", "SHARECHAT_STARTUP_TIMEOUT", _positive_seconds,
+        "seconds to keep retrying PostgreSQL at start-up before exiting 1",
+    ),
+    _Setting(
+        "no_migrate", "--no-migrate", "SHARECHAT_NO_MIGRATE", _switch,
+        "do not apply migrations at start-up (run `sharechat migrate` in a release phase)",
+    ),
+    _Setting(
+        "metrics_port", "--metrics-port", "SHARECHAT_METRICS_PORT", _port,
+        "serve /metrics on this port only, to anyone reaching it (0: on the main port)",
+    ),
+    _Setting(
+        "metrics_allow_ips", "--metrics-allow-ips", "SHARECHAT_METRICS_ALLOW_IPS", _networks,
+        "addresses or CIDRs (comma-separated; * = any) that may read /metrics on the main port",
+    ),
 )
+
+_SWITCHES = frozenset({"access_log", "no_migrate"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -305,6 +354,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{setting.help} (env {setting.env}; default {default!r})"
         if setting.field == "allowed_origins":
             parser.add_argument(setting.flag, dest=setting.field, action="append", help=help_text)
+        elif setting.field in _SWITCHES:
+            parser.add_argument(
+                setting.flag, dest=setting.field, nargs="?", const="on", help=help_text
+            )
         else:
             parser.add_argument(setting.flag, dest=setting.field, help=help_text)
 
@@ -332,6 +385,11 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         raise ConfigError(
             "REDIS_URL is set but DATABASE_URL is not: several instances need a shared "
             "database, set DATABASE_URL too (or unset REDIS_URL for one instance)"
+        )
+    if config.metrics_port and config.metrics_port == config.port:
+        raise ConfigError(
+            f"--metrics-port {config.metrics_port} is the main port: pick another one, "
+            "or 0 to serve /metrics on the main port"
         )
     _check_redis_tls(config)
     return config

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -45,16 +45,27 @@ class Controller:
         config: Config,
         instance_id: UUID,
         refusals: RefusalLog,
+        *,
+        on_failed: Callable[[str], None] = lambda reason: None,
+        on_delivered: Callable[[int], None] = lambda count: None,
     ) -> None:
+        """`on_failed` is told each `failed`'s text, `on_delivered` how many members each
+        message was handed to: what the metrics count."""
         self._repository = repository
         self._config = config
         self.instance_id = instance_id
-        self._rooms = LiveRooms(repository, queue)
+        self._on_failed = on_failed
+        self._rooms = LiveRooms(repository, queue, on_delivered)
         self._housekeeping = Housekeeping(
             repository, self._rooms, config, instance_id, self._remove_and_announce
         )
         self._flusher = Flusher(config, refusals)
         self._background: set[asyncio.Task[Any]] = set()  # messages, leaves, close handshakes
+
+    @property
+    def live_rooms(self) -> int:
+        """Rooms with members on this instance."""
+        return len(self._rooms)
 
     # -- rooms and history ---------------------------------------------------
 
@@ -172,6 +183,7 @@ class Controller:
 
     def reject(self, session: Session, reason: str, ref: str | None = None) -> None:
         """A `failed` message for the sender alone, with the client's ref if it sent one."""
+        self._on_failed(reason)
         payload = failed(session.room_id, session.member, reason).to_json()
         session.send(payload if ref is None else with_ref(payload, ref))
 

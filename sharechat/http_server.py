@@ -31,7 +31,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 
 from sharechat.refusals import RefusalLog
-from sharechat.web import error_response
+from sharechat.web import REFUSALS, error_response
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class HttpRunner(web.AppRunner):
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             header_timeout=self._header_timeout,
+            # The app's: these refusals are logged and counted with every other.
+            refusals=self.app.get(REFUSALS) or RefusalLog(),
             **made._kwargs,  # what AppRunner hands every RequestHandler
         )
 
@@ -64,10 +66,12 @@ class HttpRunner(web.AppRunner):
 class _Server(web.Server):
     """aiohttp's Server, making our kind of connection."""
 
-    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, header_timeout: float, refusals: RefusalLog, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
-        self._refusals = RefusalLog()
+        self._refusals = refusals
 
     def __call__(self) -> RequestHandler:
         return _Connection(

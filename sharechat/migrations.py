@@ -77,7 +77,11 @@ async def migrate(dsn: str, sql_dir: Path | None = None) -> list[str]:
             conn.cursor() as cursor,
         ):
             return await _apply_missing(cursor, files)
-    except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError, TimeoutError) as error:
+    # RuntimeError: on uvloop a refused connection can leave a stale poll handle behind,
+    # and the next connect raises it (see postgres._DRIVER_ERRORS).
+    except (
+        psycopg2.OperationalError, psycopg2.InterfaceError, OSError, TimeoutError, RuntimeError
+    ) as error:
         raise BackendUnavailable(f"cannot migrate the database: {_reason(error)}") from error
 
 

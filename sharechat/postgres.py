@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, timedelta
 from typing import Any
 from uuid import UUID
@@ -56,10 +56,13 @@ class PostgresRepository:
         max_batch: int = 500,
         room_max_messages: int = 0,
         prepared_statements: bool = True,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         """`room_max_messages`: the history a room keeps, oldest dropped first; 0 = all.
         `prepared_statements`: whether the pool's connections prepared the writer's
-        statements (see open_postgres_repository)."""
+        statements (see open_postgres_repository). `on_batch`: told the size of each
+        batch the group commit applies (the metrics)."""
+        self._on_batch = on_batch
         self._connections = _Connections(pool, timeout)
         self._cursor = self._connections.cursor
         self._transaction = self._connections.transaction
@@ -196,6 +199,8 @@ class PostgresRepository:
 
     async def _commit(self, writes: list[Write]) -> list[Message]:
         """Apply a batch of the group commit."""
+        if self._on_batch is not None:
+            self._on_batch(len(writes))
         if all(write.kind is Kind.CHAT for write in writes):
             # Lock and store in one query outside a transaction block: PostgreSQL
             # runs it as one transaction and commits it on its own, no round trips
@@ -307,6 +312,7 @@ async def open_postgres_repository(
     timeout: float = 5.0,  # noqa: ASYNC109 - bounds each statement, it is no deadline
     room_max_messages: int = 0,
     prepared_statements: bool = True,
+    on_batch: Callable[[int], None] | None = None,
 ) -> AsyncIterator[PostgresRepository]:
     """A repository on a pool of `dsn` (postgresql:// or postgres://); does not migrate.
 
@@ -315,7 +321,7 @@ async def open_postgres_repository(
     a room keeps, oldest dropped first; 0 = all (see PostgresRepository.trim_rooms).
     `prepared_statements`: prepare the writer's statements on each connection;
     off behind a pooler in transaction mode, which would run a preparation and
-    its uses on different server connections.
+    its uses on different server connections. `on_batch`: see PostgresRepository.
     """
     try:
         async with asyncio.timeout(timeout):
@@ -338,6 +344,7 @@ async def open_postgres_repository(
         timeout=timeout,
         room_max_messages=room_max_messages,
         prepared_statements=prepared_statements,
+        on_batch=on_batch,
     )
     try:
         try:

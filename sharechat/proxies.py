@@ -34,6 +34,7 @@ from aiohttp.typedefs import Handler, Middleware
 Address = IPv4Address | IPv6Address
 
 SCHEMES = frozenset({"http", "https"})
+CLIENT = web.RequestKey("client", str)  # the client's address, when a trusted proxy named it
 _PORTED = re.compile(r"\[(?P<ipv6>[^\]]+)\](?::[0-9]+)?|(?P<ipv4>[0-9.]+):[0-9]+")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST = re.compile(
@@ -122,6 +123,7 @@ def forwarded_headers(forwarded_allow_ips: Iterable[str]) -> Middleware:
         host = forwarded_host(headers.getall(hdrs.X_FORWARDED_HOST, ()))
         if remote == peer and scheme is None and host is None:
             return await handler(request)
+        request[CLIENT] = remote  # for the access log, which sees this request, not the clone
         return await handler(
             request.clone(
                 remote=remote, scheme=scheme or request.scheme, host=host or request.host

@@ -144,6 +144,7 @@ class Subscription:
         self._warned = False
         self._subscribed_once = False
         self.down_reason: str | None = "not connected yet"
+        self.stalled: Callable[[], None] = _nothing  # no reply to a canary in time
 
     async def run(self) -> None:
         """Keep one subscribed connection, reconnecting with capped, jittered backoff."""
@@ -178,6 +179,7 @@ class Subscription:
             await self._listen_until_silent(listen)
             # Replies waiting past the deadline mean a late event loop, not a stall.
             if not await has_reply():
+                self.stalled()
                 raise _Stalled("subscription stalled")
 
     async def _listen_until_silent(self, listen: Listen) -> None:
@@ -257,4 +259,4 @@ class _Stalled(Exception):
 
 
 def _nothing() -> None:
-    """The recovery callback of a queue nobody listens to."""
+    """A callback nobody set: recovered or stalled, of a queue nobody listens to."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from uuid import UUID
 
@@ -50,18 +50,22 @@ async def open_redis_queue(
     canary_interval: float = 2.0,
     ssl_ca_certs: str | None = None,
     ssl_cert_reqs: str | None = None,
+    on_canary_missed: Callable[[], None] | None = None,
 ) -> AsyncIterator[RedisQueue]:
     """Connect, subscribe and listen; on exit stop every task and close every connection.
 
     Waits up to a couple of seconds for the first subscription; if Redis is not there
     yet, the queue is yielded anyway: ping() reports it and the listener keeps trying.
     `ssl_ca_certs` and `ssl_cert_reqs` are redis-py's, for a rediss:// URL.
+    `on_canary_missed` is told each time the subscription is found stalled (the metrics).
     """
     pool = connection_pool(url, ssl_ca_certs=ssl_ca_certs, ssl_cert_reqs=ssl_cert_reqs)
     client = Redis.from_pool(pool)
     canary_channel = f"{prefix}instance:{instance_id}".encode()
     publisher = PublishPipeline(pool)
     subscriber = _Subscriber(pool, canary_channel, canary_interval)
+    if on_canary_missed is not None:
+        subscriber.stalled = on_canary_missed
     tasks = [
         asyncio.create_task(publisher.run(), name="redis-queue-publisher"),
         asyncio.create_task(subscriber.run(), name="redis-queue-listener"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from uuid import UUID
 
 from sharechat.delivery import RoomOrder, frame, unframe
@@ -25,14 +26,22 @@ class LiveRoom:
     """A room with members on this instance: its subscription, its members here, and
     the order in which its messages are handed to them."""
 
-    def __init__(self, room_id: UUID, subscription: asyncio.Task[None], repository: Repository):
+    def __init__(
+        self,
+        room_id: UUID,
+        subscription: asyncio.Task[None],
+        repository: Repository,
+        delivered: Callable[[int], None],
+    ):
         self.subscription = subscription
         self.sessions: dict[UUID, Session] = {}
         self.order = RoomOrder(room_id, repository.messages_after, self._hand_out)
+        self._delivered = delivered
 
     def _hand_out(self, number: int, payload: bytes) -> None:
         for session in self.sessions.values():
             session.deliver(number, payload)  # the same bytes for all of them
+        self._delivered(len(self.sessions))  # counted once per message, not per member
 
     def close(self, reason: str) -> None:
         for session in self.sessions.values():
@@ -43,9 +52,16 @@ class LiveRooms:
     """The registry of live rooms and of the members here, and the way in and out of
     the queue."""
 
-    def __init__(self, repository: Repository, queue: Queue) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        queue: Queue,
+        delivered: Callable[[int], None] = lambda count: None,
+    ) -> None:
+        """`delivered` is told how many members each message was handed to (the metrics)."""
         self._repository = repository
         self._queue = queue
+        self._delivered = delivered
         self._rooms: dict[UUID, LiveRoom] = {}
         self._sessions: set[Session] = set()  # from joining until gone for good
         self._all_left = asyncio.Event()
@@ -54,6 +70,9 @@ class LiveRooms:
         self._leave_by: float | None = None  # when close_all stops waiting
         queue.on_message(self._dispatch)
         queue.on_recovered(self._catch_up)
+
+    def __len__(self) -> int:
+        return len(self._rooms)
 
     def __contains__(self, room_id: UUID) -> bool:
         return room_id in self._rooms
@@ -74,7 +93,7 @@ class LiveRooms:
         room = self._rooms.get(session.room_id)
         if room is None:
             subscription = asyncio.create_task(self._queue.subscribe(session.room_id))
-            room = LiveRoom(session.room_id, subscription, self._repository)
+            room = LiveRoom(session.room_id, subscription, self._repository, self._delivered)
             self._rooms[session.room_id] = room
         room.sessions[session.member.id] = session
         return room

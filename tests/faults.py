@@ -13,9 +13,9 @@ or its instance dies, it reconnects with `?after=<last message it saw>` as a
 real client does, and the segments count as one socket that stayed open). Every
 frame and every send is logged with its time; finish() stops the traffic, waits
 (deadlines, never fixed sleeps) for the answers and for an end marker per room,
-reads the history, and check() lists every violation of the contract (SPEC.md,
-"The websocket protocol" 3, 5, 6, 9 and resuming) by kind, the first few of
-each, with a summary of the run.
+reads the history, and check() lists every violation of the contract (the
+README's "What the server does" 3, 5, 6, 9 and "Resuming") by kind, the first
+few of each, with a summary of the run.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import aiohttp
 import pytest
 
 from sharechat.config import Config
-from tests.helpers import MESSAGE_KEYS, free_port, receive_close, receive_json
+from tests.helpers import MESSAGE_KEYS, WAIT, free_port, receive_close, receive_json
+from tests.pg_support import temporary_database
 from tests.servers import (
     VENV_BIN,
     backend_environ,
@@ -97,7 +99,7 @@ async def test_bare_sharechat_serves(backend_config: Config, tmp_path: Path) -> 
 async def test_procfile_runs_on_the_platforms_port(backend_config: Config, tmp_path: Path) -> None:
     procfile = (ROOT / "Procfile").read_text()
     processes = dict(line.split(":", 1) for line in procfile.splitlines() if line.strip())
-    assert set(processes) == {"web"}
+    assert set(processes) == {"release", "web"}
     port = free_port()
     # The platform: a shell, PATH with the installed scripts, PORT set, no flags of ours.
     environ = clean_environ(
@@ -113,3 +115,38 @@ async def test_procfile_runs_on_the_platforms_port(backend_config: Config, tmp_p
         await ws.close()
         server.signal(signal.SIGTERM)
         assert await server.wait_exit(SHUTDOWN) == 0, server.output()
+
+
+@pytest.mark.services
+async def test_release_phase_migrates_and_web_need_not(tmp_path: Path) -> None:
+    """The Procfile's release command migrates a new database; a web process with
+    SHARECHAT_NO_MIGRATE=1 then serves on it without touching the schema."""
+    procfile = (ROOT / "Procfile").read_text()
+    processes = dict(line.split(":", 1) for line in procfile.splitlines() if line.strip())
+    path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    async with temporary_database(migrated=False) as database_url:
+        release = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", f"exec {processes['release']}",
+            env=clean_environ(PATH=path, DATABASE_URL=database_url),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        async with asyncio.timeout(WAIT * 3):
+            output, _ = await release.communicate()
+        assert release.returncode == 0, output.decode()
+        assert re.search(rb"applied [1-9][0-9]* migration", output), output.decode()
+
+        port = free_port()
+        environ = clean_environ(
+            PORT=str(port), PATH=path, DATABASE_URL=database_url, SHARECHAT_NO_MIGRATE="1"
+        )
+        command = ["/bin/sh", "-c", f"exec {processes['web']}"]
+        async with (
+            running(command, port, environ, tmp_path) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            room = await create_room(http, server)
+            ws, _ = await join(http, server, room)
+            await ws.close()
+            assert "migration" not in server.output()
+            assert "schema" not in server.output()

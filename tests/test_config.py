@@ -136,6 +136,18 @@ CASES = [
     ),
     Case("backend_timeout", "--backend-timeout", "SHARECHAT_BACKEND_TIMEOUT", "2.5", 2.5, "1"),
     Case("instance_lease", "--instance-lease", "SHARECHAT_INSTANCE_LEASE", "20", 20.0, "30"),
+    Case("log_format", "--log-format", "LOG_FORMAT", "JSON", "json", "text"),
+    Case("access_log", "--access-log", "SHARECHAT_ACCESS_LOG", "1", True, "off"),
+    Case("access_log", "--access-log", "SHARECHAT_ACCESS_LOG", "on", True, "0"),
+    Case(
+        "startup_timeout", "--startup-timeout", "SHARECHAT_STARTUP_TIMEOUT", "5", 5.0, "120"
+    ),
+    Case("no_migrate", "--no-migrate", "SHARECHAT_NO_MIGRATE", "true", True, "false"),
+    Case("metrics_port", "--metrics-port", "SHARECHAT_METRICS_PORT", "9090", 9090, "9091"),
+    Case(
+        "metrics_allow_ips", "--metrics-allow-ips", "SHARECHAT_METRICS_ALLOW_IPS",
+        "10.0.0.0/8", ("10.0.0.0/8",), "*",
+    ),
 ]
 
 
@@ -269,6 +281,13 @@ BAD = [
     (["--database-url", "mysql://x"], {}, "--database-url"),
     ([], {"DATABASE_URL": DATABASE, "REDIS_URL": "http://x"}, "REDIS_URL"),
     (["--redis-url", "http://x"], {"DATABASE_URL": DATABASE}, "--redis-url"),
+    ([], {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    (["--access-log=maybe"], {}, "--access-log"),
+    ([], {"SHARECHAT_STARTUP_TIMEOUT": "0"}, "SHARECHAT_STARTUP_TIMEOUT"),
+    ([], {"SHARECHAT_NO_MIGRATE": "sometimes"}, "SHARECHAT_NO_MIGRATE"),
+    ([], {"SHARECHAT_METRICS_PORT": "65536"}, "SHARECHAT_METRICS_PORT"),
+    (["--metrics-port", "8080"], {}, "--metrics-port"),  # the main port
+    ([], {"SHARECHAT_METRICS_ALLOW_IPS": "prometheus"}, "SHARECHAT_METRICS_ALLOW_IPS"),
 ]
 
 
@@ -282,6 +301,13 @@ def test_bad_value_is_one_line_naming_the_setting(
     assert name in message
     assert "\n" not in message
     assert "Traceback" not in message
+
+
+def test_switches_are_on_when_given_alone() -> None:
+    config = from_argv(["--access-log", "--no-migrate"], {})
+    assert (config.access_log, config.no_migrate) == (True, True)
+    config = from_argv(["--access-log=off"], {"SHARECHAT_ACCESS_LOG": "1"})
+    assert config.access_log is False
 
 
 def test_flag_error_names_the_flag_even_with_a_good_variable() -> None:
