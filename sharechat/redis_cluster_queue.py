@@ -11,7 +11,8 @@ when a subscription is confirmed, lost or back, which the port promises to tell.
 the instance keeps one sharded pub/sub connection per master that owns a room it
 serves (redis_cluster_shard.Shard), each with a canary on a slot of that master, and
 re-maps a room to its slot's new master when a shard is lost (failover), refuses a
-subscription (MOVED) or drops one (a slot migrated away).
+subscription (MOVED) or drops one (a slot migrated away). The room methods and the
+claims on rooms are redis_pubsub's, shared with the queue for one Redis.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from uuid import UUID
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -28,14 +28,13 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
 from sharechat.domain import BackendUnavailable
-from sharechat.ports import Deliver, no_listener
-from sharechat.redis_cluster_shard import TIMEOUT, Moved, PublishLane, Shard
-from sharechat.redis_wire import describe
+from sharechat.redis_cluster_shard import Moved, PublishLane, Shard
+from sharechat.redis_pubsub import Claim, RoomChannelQueue, Rooms, publish_canary
+from sharechat.redis_wire import TIMEOUT, describe
 
 log = logging.getLogger(__name__)
 
 _CANARY_TAGS = 1 << 16  # hash tags tried for a canary (a few do, unless the prefix has a tag)
-_STALL_INTERVALS = 3  # canary intervals without any reply, once Redis took a canary
 
 
 @contextlib.asynccontextmanager
@@ -83,17 +82,16 @@ async def open_redis_cluster_queue(
         await cluster.aclose()
 
 
-class RedisClusterQueue:
+class RedisClusterQueue(RoomChannelQueue):
     """The Queue port over Redis Cluster sharded pub/sub. Build it with
     open_redis_cluster_queue()."""
 
     def __init__(
         self, cluster: RedisCluster, publisher: _Publisher, shards: _Shards, prefix: str
     ) -> None:
+        super().__init__(publisher, shards, prefix)
         self._cluster = cluster
-        self._publisher = publisher
         self._shards = shards
-        self._prefix = prefix
 
     async def ping(self) -> None:
         """Raises BackendUnavailable naming each master that does not answer and each
@@ -119,48 +117,19 @@ class RedisClusterQueue:
             return node, describe(exc)
         return node, None
 
-    async def publish(self, room_id: UUID, payload: bytes) -> None:
-        await self._publisher.publish(self._channel(room_id), payload)
 
-    async def subscribe(self, room_id: UUID) -> None:
-        """Return once the room's master confirmed the subscription; raise
-        BackendUnavailable otherwise, leaving the room unsubscribed."""
-        await self._shards.subscribe(self._channel(room_id), room_id)
-
-    async def unsubscribe(self, room_id: UUID) -> None:
-        self._shards.unsubscribe(self._channel(room_id))
-
-    def on_message(self, deliver: Deliver, /) -> None:
-        self._shards.deliver_to = deliver
-
-    def on_recovered(self, recovered: Callable[[], None], /) -> None:
-        self._shards.recovered = recovered
-
-    def _channel(self, room_id: UUID) -> bytes:
-        return f"{self._prefix}room:{room_id}".encode()
-
-
-@dataclass(eq=False)
-class _Claim:
-    """One subscribe() call's claim on a channel; identity tells a later call's claim apart."""
-
-    room_id: UUID
-
-
-class _Shards:
+class _Shards(Rooms):
     """The map of rooms to shards: places each room on its slot's master, and re-maps."""
 
     def __init__(self, cluster: RedisCluster, canary_prefix: bytes, canary_interval: float):
+        super().__init__()
         self._cluster = cluster
         self._canary_prefix = canary_prefix
-        self._stall_after = _STALL_INTERVALS * canary_interval
+        self._canary_interval = canary_interval
         self._shards: dict[str, Shard] = {}
-        self._rooms: dict[bytes, _Claim] = {}
         self._where: dict[bytes, Shard] = {}  # the shard each room is subscribed on
         self._remap = asyncio.Event()
         self._mapped = False
-        self.deliver_to: Deliver = no_listener
-        self.recovered: Callable[[], None] = _nothing
 
     def live(self) -> list[Shard]:
         return list(self._shards.values())
@@ -186,17 +155,6 @@ class _Shards:
         except (RedisError, RedisClusterException, OSError) as exc:
             raise BackendUnavailable(f"redis cluster: {describe(exc)}") from exc
 
-    async def subscribe(self, channel: bytes, room_id: UUID) -> None:
-        claim = _Claim(room_id)
-        self._rooms[channel] = claim
-        try:
-            await self._confirm(channel, room_id)
-        except BaseException:
-            # Raising means "not subscribed", unless a later subscribe() took the channel over.
-            if self._rooms.get(channel) is claim:
-                self.unsubscribe(channel)
-            raise
-
     async def _confirm(self, channel: bytes, room_id: UUID) -> None:
         shard: Shard | None = None
         try:
@@ -211,8 +169,7 @@ class _Shards:
             reason = (shard and shard.down_reason) or "subscribe not confirmed"
             raise BackendUnavailable(f"redis cluster: {reason}") from None
 
-    def unsubscribe(self, channel: bytes) -> None:
-        self._rooms.pop(channel, None)
+    def _drop(self, channel: bytes) -> None:
         shard = self._where.pop(channel, None)
         if shard is not None:
             shard.unsubscribe(channel)
@@ -230,7 +187,7 @@ class _Shards:
     def _move(self, channel: bytes, node: ClusterNode) -> Shard:
         shard = self._shards.get(node.name)
         if shard is None:
-            shard = self._shards[node.name] = Shard(node, self, self._stall_after)
+            shard = self._shards[node.name] = Shard(node, self, self._canary_interval)
         old = self._where.get(channel)
         if old is not None and old is not shard:
             old.unsubscribe(channel)
@@ -255,13 +212,6 @@ class _Shards:
             if key_slot(channel) in owned:
                 return channel
         raise Moved(f"no canary channel lands on {node.name}")
-
-    def deliver(self, room_id: UUID, payload: bytes) -> None:
-        try:
-            self.deliver_to(room_id, payload)
-        except Exception:
-            # A consumer's bug must not take the subscription of every room down with it.
-            log.exception("delivering a message of room %s failed", room_id)
 
     def moved(self, shard: Shard, channels: Sequence[bytes]) -> None:
         for channel in channels:
@@ -297,11 +247,9 @@ class _Shards:
         await self._close_demoted()
         if moved:
             await asyncio.gather(*(self._resubscribe(channel, claim) for channel, claim in moved))
-            # Whatever was published to a room between losing its old subscription and
-            # this one is gone for us: the consumer fetches it from elsewhere.
             self._recover()
 
-    def _rehome(self) -> list[tuple[bytes, _Claim]]:
+    def _rehome(self) -> list[tuple[bytes, Claim]]:
         moved = []
         for channel, claim in list(self._rooms.items()):
             node = self._owner(channel)
@@ -311,7 +259,7 @@ class _Shards:
                 moved.append((channel, claim))
         return moved
 
-    async def _resubscribe(self, channel: bytes, claim: _Claim) -> None:
+    async def _resubscribe(self, channel: bytes, claim: Claim) -> None:
         shard = self._where.get(channel)
         if shard is None or self._rooms.get(channel) is not claim:
             return  # unsubscribed meanwhile
@@ -329,12 +277,6 @@ class _Shards:
             if name not in masters and not shard.channels:
                 del self._shards[name]
                 await shard.close()
-
-    def _recover(self) -> None:
-        try:
-            self.recovered()
-        except Exception:
-            log.exception("catching up after the subscription came back failed")
 
 
 class _Publisher:
@@ -372,14 +314,5 @@ async def _publish_canaries(publisher: _Publisher, shards: _Shards, interval: fl
 
 
 async def _publish_canary(publisher: _Publisher, shard: Shard) -> None:
-    # A canary Redis refuses proves nothing about the subscription: the shard sees an
-    # outage by itself, and ping() reports it.
-    if shard.canary is None:
-        return
-    with contextlib.suppress(BackendUnavailable):
-        await publisher.publish(shard.canary, b"canary")
-        shard.canary_sent()
-
-
-def _nothing() -> None:
-    """The recovery callback of a queue nobody listens to."""
+    if shard.canary is not None:
+        await publish_canary(publisher, shard.canary, shard)

@@ -9,6 +9,9 @@ delivering without the connection failing shows up as an overdue canary.
 The shard knows nothing of the slot map: when its connection fails, or Redis says a
 channel lives elsewhere (a MOVED reply, or a `sunsubscribe` it did not ask for, sent
 when a slot migrates or its master is demoted), it tells its owner, which re-maps.
+
+The reconnect loop, the confirmations and the canary watchdog are redis_pubsub's
+Subscription, the batching redis_wire's PublishBatcher: the same as for one Redis.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -28,18 +31,10 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import AskError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from sharechat.domain import BackendUnavailable
-from sharechat.redis_wire import as_utf8, describe
+from sharechat.redis_pubsub import Subscription
+from sharechat.redis_wire import TIMEOUT, Publish, PublishBatcher, as_utf8, describe
 
 log = logging.getLogger(__name__)
-
-# Seconds for a connect, a write, a pipeline and a subscribe confirmation. Our own
-# asyncio.timeout()s, not redis-py's socket_timeout: that one wraps each write in
-# asyncio.wait_for(), which on Python 3.11 can swallow a task's cancellation.
-TIMEOUT = 1.5
-_BACKOFF_MIN = 0.1
-_BACKOFF_MAX = 2.0
-_MAX_BATCH = 1_000  # publishes per pipeline; the rest go in the next one
 
 
 class Moved(Exception):
@@ -68,34 +63,27 @@ class ShardOwner(Protocol):
         ...
 
 
-class Shard:
+class Shard(Subscription):
     """One master's pub/sub connection: subscriptions, the listener loop, the canary watchdog."""
 
-    def __init__(self, node: ClusterNode, owner: ShardOwner, stall_after: float) -> None:
+    def __init__(self, node: ClusterNode, owner: ShardOwner, canary_interval: float) -> None:
+        super().__init__(canary_interval, "redis cluster", f"redis cluster: {node.name}")
         self.node = node
         self._owner = owner
-        self._stall_after = stall_after
         self.channels: dict[bytes, UUID] = {}  # the rooms this shard is to hold
-        # Redis answers a connection's commands in order, so each channel's pending
-        # subscribes wait in a FIFO, and `_sent` says which command an error answers.
-        self._waiters: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
+        # `_sent` says which command an error reply answers (see Subscription._waiters).
         self._sent: deque[tuple[bytes, bytes]] = deque()
         self._unsubscribing: Counter[bytes] = Counter()
         self._conn: AbstractConnection | None = None
         self._outbox: list[tuple[AbstractConnection | None, tuple[bytes, bytes]]] = []
         self._outbox_ready = asyncio.Event()
-        self._ready = asyncio.Event()
-        self._deadline: asyncio.Timeout | None = None
         self.canary: bytes | None = None
-        self.down_reason: str | None = "not connected yet"
-        self._subscribed_once = False
         # Set by the owner when rooms moved here could not be confirmed: the first
         # session must then say "back" too, or their gap would go unrepaired.
         self.owes_recovery = False
         self._resubscribing = False
-        self._warned = False
         self._tasks = [
-            asyncio.create_task(self._run(), name=f"redis-cluster-shard-{node.name}"),
+            asyncio.create_task(self.run(), name=f"redis-cluster-shard-{node.name}"),
             asyncio.create_task(self._write(), name=f"redis-cluster-writer-{node.name}"),
         ]
 
@@ -114,26 +102,11 @@ class Shard:
         The channel stays the shard's either way: the owner decides where it goes next.
         """
         self.channels[channel] = room_id
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                await self._ready.wait()
-                confirmed = asyncio.get_running_loop().create_future()
-                self._waiters[channel].append(confirmed)
-                self._send(b"SSUBSCRIBE", channel)
-                await confirmed
-        except TimeoutError:
-            reason = self.down_reason or "subscribe not confirmed"
-            raise BackendUnavailable(f"redis cluster: {self.name}: {reason}") from None
+        await self._confirm_subscribe(b"SSUBSCRIBE", channel)
 
     def unsubscribe(self, channel: bytes) -> None:
         if self.channels.pop(channel, None) is not None:
             self._send(b"SUNSUBSCRIBE", channel)
-
-    def canary_sent(self) -> None:
-        """Redis accepted this shard's canary: some reply is now due within the stall window."""
-        deadline = self._deadline
-        if deadline is not None and deadline.when() is None:
-            deadline.reschedule(asyncio.get_running_loop().time() + self._stall_after)
 
     def _send(self, command: bytes, channel: bytes) -> None:
         self._outbox.append((self._conn, (command, channel)))
@@ -158,21 +131,6 @@ class Shard:
                 async with asyncio.timeout(TIMEOUT):
                     await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
 
-    async def _run(self) -> None:
-        delay = _BACKOFF_MIN
-        try:
-            while True:
-                try:
-                    await self._session()
-                except Exception as exc:  # whatever broke the connection, rebuild it
-                    if self._ready.is_set():
-                        delay = _BACKOFF_MIN
-                    self._lost(describe(exc))
-                await asyncio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, _BACKOFF_MAX)
-        finally:
-            self._reset("queue closed")
-
     async def _session(self) -> None:
         kwargs = {**self.node.connection_kwargs, "protocol": 2, "socket_timeout": None}
         conn = self.node.connection_class(**kwargs)
@@ -189,24 +147,10 @@ class Shard:
                 self._send(b"SSUBSCRIBE", channel)
             # The canary goes last: its confirmation means every room before it is answered.
             self._send(b"SSUBSCRIBE", self.canary)
-            while True:
-                await self._listen_until_silent(conn)
-                if not await conn.can_read():  # replies waiting: a late event loop, not a stall
-                    raise _Stalled("subscription stalled")
+            await self._listen_for_stalls(partial(self._listen, conn), conn.can_read)
         finally:
             self._conn = None
             await conn.disconnect()
-
-    async def _listen_until_silent(self, conn: AbstractConnection) -> None:
-        try:
-            async with asyncio.timeout(self._stall_after) as deadline:
-                self._deadline = deadline
-                await self._listen(conn, deadline)
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-        finally:
-            self._deadline = None
 
     async def _listen(self, conn: AbstractConnection, deadline: asyncio.Timeout) -> None:
         while True:
@@ -215,8 +159,7 @@ class Shard:
             except ResponseError as error:  # e.g. MOVED: the answer to the oldest command
                 self._refused(error)
                 continue
-            if deadline.when() is not None:
-                deadline.reschedule(None)  # any reply proves that the subscription delivers
+            self._replied(deadline)
             kind, channel = reply[0], reply[1]
             if kind == b"smessage":
                 room_id = self.channels.get(channel)
@@ -224,6 +167,8 @@ class Shard:
                     self._owner.deliver(room_id, as_utf8(reply[2]))
             elif kind == b"ssubscribe":
                 self._answered()
+                if channel == self.canary:
+                    self._back()
                 self._confirmed(channel)
             elif kind == b"sunsubscribe":
                 self._unsubscribed(channel)
@@ -255,18 +200,6 @@ class Shard:
     def _answered(self) -> tuple[bytes, bytes] | None:
         return self._sent.popleft() if self._sent else None
 
-    def _confirmed(self, channel: bytes) -> None:
-        if channel == self.canary:
-            self._back()
-        waiters = self._waiters.get(channel)
-        if not waiters:
-            return  # a resubscription after a reconnect: nobody waits for it
-        confirmed = waiters.popleft()
-        if not waiters:
-            del self._waiters[channel]
-        if not confirmed.done():
-            confirmed.set_result(None)
-
     def _back(self) -> None:
         if self._ready.is_set():
             return
@@ -288,91 +221,35 @@ class Shard:
         self._reset(reason)
         self._owner.lost(self)
 
-    def _reset(self, reason: str) -> None:
-        self._conn = None
-        self._ready.clear()
-        self.down_reason = reason
-        for waiters in self._waiters.values():
-            for confirmed in waiters:
-                if not confirmed.done():
-                    confirmed.set_exception(BackendUnavailable(f"redis cluster: {reason}"))
-        self._waiters.clear()
 
-
-class _Stalled(Exception):
-    pass
-
-
-_Publish = tuple[bytes, bytes, asyncio.Future[None]]
-
-
-class PublishLane:
-    """One master's publishes, sent in call order as pipelines: while one is in flight,
-    the next fills up. A lane per master, so that a dead master holds up its own rooms
-    only. The pipeline is the cluster client's, so a MOVED or ASK reply is followed."""
+class PublishLane(PublishBatcher):
+    """One master's publishes, in call order (see PublishBatcher). A lane per master, so
+    that a dead master holds up its own rooms only. The pipeline is the cluster client's,
+    so a MOVED or ASK reply is followed."""
 
     def __init__(self, cluster: RedisCluster, name: str) -> None:
+        super().__init__("redis cluster")
         self._cluster = cluster
-        self._pending: list[_Publish] = []
-        self._wakeup = asyncio.Event()
-        self._closed = False
-        self._task = asyncio.create_task(self._run(), name=f"redis-cluster-publisher-{name}")
-
-    async def publish(self, channel: bytes, payload: bytes) -> None:
-        if self._closed:
-            raise BackendUnavailable("redis cluster: queue closed")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((channel, payload, done))
-        self._wakeup.set()
-        await done
+        self._task = asyncio.create_task(self.run(), name=f"redis-cluster-publisher-{name}")
 
     async def close(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _run(self) -> None:
-        batch: list[_Publish] = []
-        try:
-            while True:
-                await self._wakeup.wait()
-                batch = self._pending[:_MAX_BATCH]
-                del self._pending[:_MAX_BATCH]
-                if not self._pending:
-                    self._wakeup.clear()
-                await self._send(batch)
-        finally:
-            self._closed = True
-            _fail(batch + self._pending, "queue closed")
+    async def _send_batch(self, batch: list[Publish]) -> list[Any]:
+        async with asyncio.timeout(TIMEOUT):
+            results = await self._pipeline(batch)
+            # Most likely a pooled connection the master closed meanwhile (it
+            # restarted): once more, on a new one. Should the first have reached
+            # Redis after all, receivers drop the repeat by the message's number.
+            lost = [n for n, result in enumerate(results) if _connection_lost(result)]
+            if lost:
+                again = await self._pipeline([batch[n] for n in lost])
+                for n, result in zip(lost, again, strict=True):
+                    results[n] = result
+        return results
 
-    async def _send(self, batch: list[_Publish]) -> None:
-        # A caller cancelled before its turn has given up: do not publish behind its back.
-        batch = [entry for entry in batch if not entry[2].done()]
-        if not batch:
-            return
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                results = await self._pipeline(batch)
-                # Most likely a pooled connection the master closed meanwhile (it
-                # restarted): once more, on a new one. Should the first have reached
-                # Redis after all, receivers drop the repeat by the message's number.
-                lost = [n for n, result in enumerate(results) if _connection_lost(result)]
-                if lost:
-                    again = await self._pipeline([batch[n] for n in lost])
-                    for n, result in zip(lost, again, strict=True):
-                        results[n] = result
-        except Exception as exc:  # a connection broken mid-pipeline raises more than RedisError
-            _fail(batch, describe(exc))
-            return
-        for (_, _, done), result in zip(batch, results, strict=True):
-            if done.done():
-                continue
-            if isinstance(result, Exception):
-                done.set_exception(BackendUnavailable(f"redis cluster: {describe(result)}"))
-            else:
-                done.set_result(None)
-
-
-    async def _pipeline(self, batch: list[_Publish]) -> list[Any]:
+    async def _pipeline(self, batch: list[Publish]) -> list[Any]:
         pipe = self._cluster.pipeline(transaction=False)
         for channel, payload, _ in batch:
             pipe.execute_command("SPUBLISH", channel, payload)
@@ -381,9 +258,3 @@ class PublishLane:
 
 def _connection_lost(result: object) -> bool:
     return isinstance(result, RedisConnectionError)
-
-
-def _fail(entries: list[_Publish], reason: str) -> None:
-    for _, _, done in entries:
-        if not done.done():
-            done.set_exception(BackendUnavailable(f"redis cluster: {reason}"))

@@ -3,8 +3,9 @@
 redis-py's Pipeline and PubSub do per-command bookkeeping that showed in profiles, so
 the queue reaches Redis through two small pieces instead:
 
-- PublishPipeline: every publish of the instance, over one connection it keeps;
-  publishes that arrive while a pipeline is in flight go together in the next one,
+- PublishBatcher: publishes that arrive while a batch is in flight go together in the
+  next one (both Redis queues publish through one); PublishPipeline, the one of
+  redis_queue, sends every publish of the instance over one connection it keeps,
   packed by hiredis;
 - PubSubConnection: a RESP2 connection of its own for the subscriber, written by one
   task, read as plain arrays.
@@ -138,33 +139,34 @@ class PubSubConnection:
                     await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
 
 
-_Publish = tuple[bytes, bytes, asyncio.Future[None]]
+Publish = tuple[bytes, bytes, asyncio.Future[None]]
 
 
-class PublishPipeline:
-    """Sends concurrent publishes as one pipeline: while one is in flight, the next fills up.
+class PublishBatcher:
+    """Publishes sent in call order as batches: while one is in flight, the next fills up.
 
-    Run run() as a task; publish() raises BackendUnavailable once it ends.
+    A subclass sends a batch (_send_batch) and returns a reply per publish, an exception
+    for a publish that failed. Run run() as a task; publish() raises BackendUnavailable
+    once it ends. Both Redis queues publish through one: redis_queue as PublishPipeline,
+    redis_cluster_queue as a PublishLane per master.
     """
 
-    def __init__(self, pool: BlockingConnectionPool) -> None:
-        # Kept for the pipeline's life, outside the pool: a pool round trip per pipeline
-        # (locks, metrics, events) costs more than the PUBLISH itself on a quiet room.
-        self._conn = _new_connection(pool)
-        self._pending: list[_Publish] = []
+    def __init__(self, service: str) -> None:
+        self._service = service  # what errors name: "redis", "redis cluster"
+        self._pending: list[Publish] = []
         self._wakeup = asyncio.Event()
         self._closed = False
 
     async def publish(self, channel: bytes, payload: bytes) -> None:
         if self._closed:
-            raise BackendUnavailable("redis: queue closed")
+            raise BackendUnavailable(f"{self._service}: queue closed")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((channel, payload, done))
         self._wakeup.set()
         await done
 
     async def run(self) -> None:
-        batch: list[_Publish] = []
+        batch: list[Publish] = []
         try:
             while True:
                 await self._wakeup.wait()
@@ -175,24 +177,55 @@ class PublishPipeline:
                 await self._send(batch)
         finally:
             self._closed = True
-            _fail(batch + self._pending, "queue closed")
-            await self._conn.disconnect()
+            self._fail(batch + self._pending, "queue closed")
 
-    async def _send(self, batch: list[_Publish]) -> None:
+    async def _send(self, batch: list[Publish]) -> None:
         # A caller cancelled before its turn has given up: do not publish behind its back.
         batch = [entry for entry in batch if not entry[2].done()]
         if not batch:
             return
         try:
-            await self._pipeline([(b"PUBLISH", channel, payload) for channel, payload, _ in batch])
+            replies = await self._send_batch(batch)
         except Exception as exc:  # a connection broken mid-pipeline raises more than RedisError
-            _fail(batch, describe(exc))
+            self._fail(batch, describe(exc))
             return
-        for _, _, done in batch:
-            if not done.done():
+        for (_, _, done), reply in zip(batch, replies, strict=True):
+            if done.done():
+                continue
+            if isinstance(reply, Exception):
+                done.set_exception(BackendUnavailable(f"{self._service}: {describe(reply)}"))
+            else:
                 done.set_result(None)
 
-    async def _pipeline(self, commands: list[Command]) -> None:
+    async def _send_batch(self, batch: list[Publish]) -> list[Any]:
+        raise NotImplementedError
+
+    def _fail(self, entries: list[Publish], reason: str) -> None:
+        for _, _, done in entries:
+            if not done.done():
+                done.set_exception(BackendUnavailable(f"{self._service}: {reason}"))
+
+
+class PublishPipeline(PublishBatcher):
+    """Every publish of the instance, as pipelines on one connection it keeps."""
+
+    def __init__(self, pool: BlockingConnectionPool) -> None:
+        super().__init__("redis")
+        # Kept for the pipeline's life, outside the pool: a pool round trip per pipeline
+        # (locks, metrics, events) costs more than the PUBLISH itself on a quiet room.
+        self._conn = _new_connection(pool)
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            await self._conn.disconnect()
+
+    async def _send_batch(self, batch: list[Publish]) -> list[Any]:
+        commands: list[Command] = [(b"PUBLISH", channel, payload) for channel, payload, _ in batch]
+        return await self._pipeline(commands)
+
+    async def _pipeline(self, commands: list[Command]) -> list[Any]:
         """Send the commands in one write, then read every reply, all under one deadline.
 
         A failure half-way leaves replies unread on the connection: it is disconnected,
@@ -211,17 +244,11 @@ class PublishPipeline:
                 # its stub types the command as a 1-tuple, yet any length is packed.
                 packed = b"".join(hiredis.pack_command(c) for c in commands)  # type: ignore[arg-type]
                 await conn.send_packed_command(packed, check_health=False)
-                for _ in commands:
-                    await conn.read_response(timeout=math.inf)
+                # An error reply raises here, failing the whole pipeline.
+                return [await conn.read_response(timeout=math.inf) for _ in commands]
             except BaseException:
                 await conn.disconnect(nowait=True)
                 raise
-
-
-def _fail(entries: list[_Publish], reason: str) -> None:
-    for _, _, done in entries:
-        if not done.done():
-            done.set_exception(BackendUnavailable(f"redis: {reason}"))
 
 
 def describe(exc: BaseException) -> str:
