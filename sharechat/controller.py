@@ -49,8 +49,7 @@ class Controller:
         on_failed: Callable[[str], None] = lambda reason: None,
         on_delivered: Callable[[int], None] = lambda count: None,
     ) -> None:
-        """`on_failed` is told each `failed`'s text, `on_delivered` how many members each
-        message was handed to: what the metrics count."""
+        """For the metrics: `on_failed` hears each failed's text, `on_delivered` its reach."""
         self._repository = repository
         self._config = config
         self.instance_id = instance_id
@@ -60,7 +59,7 @@ class Controller:
             repository, self._rooms, config, instance_id, self._remove_and_announce
         )
         self._flusher = Flusher(config, refusals)
-        self._background: set[asyncio.Task[Any]] = set()  # messages, leaves, close handshakes
+        self._background = _Background()  # messages, leaves, close handshakes
 
     @property
     def live_rooms(self) -> int:
@@ -159,7 +158,7 @@ class Controller:
             self.reject(session, problem, ref)
             return
         await session.slot()
-        session.sending(self._spawn(self._store_and_publish(session, text, ref)))
+        session.sending(self._background.spawn(self._store_and_publish(session, text, ref)))
 
     async def _store_and_publish(self, session: Session, text: str, ref: str | None) -> None:
         """With a ref, the message keeps its slot until its echo is delivered: the
@@ -193,7 +192,7 @@ class Controller:
         Runs to the end even if the caller is cancelled (a handler torn down on
         shutdown): a member must never stay listed after its connection is gone.
         """
-        await asyncio.shield(self._spawn(self._leave(session)))
+        await asyncio.shield(self._background.spawn(self._leave(session)))
 
     async def _leave(self, session: Session, joined: bool = True) -> None:
         try:
@@ -205,8 +204,7 @@ class Controller:
             try:
                 closing = await session.stop()
                 if closing is not None:  # the close handshake: cancelled on the way out
-                    self._background.add(closing)
-                    closing.add_done_callback(self._background.discard)
+                    self._background.keep(closing)
             finally:
                 self._rooms.gone(session)
 
@@ -224,12 +222,6 @@ class Controller:
         if left is not None:
             await self._rooms.publish(left)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
-
     # -- the instance's life -----------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -239,9 +231,7 @@ class Controller:
             try:
                 yield
             finally:
-                for task in self._background:
-                    task.cancel()
-                await asyncio.gather(*self._background, return_exceptions=True)
+                await self._background.cancel()
 
     async def close_all(self, reason: str, grace: float) -> None:
         """Close every websocket with 1001, and any that joins from now on, and wait
@@ -258,3 +248,24 @@ async def _replay(repository: Repository, room_id: UUID, after: int, before: int
         if len(page) < REPLAY_PAGE or page[-1].number >= before:
             return replay
         after = page[-1].number
+
+
+class _Background:
+    """Tasks that outlive the call that started them, cancelled and awaited at the end."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self.keep(task)
+        return task
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
