@@ -57,6 +57,20 @@ async def after_failed_attempts(log: Path, what: str, since: float) -> None:
     await asyncio.sleep(max(0.0, since + DOWN_FOR - time.monotonic()))
 
 
+async def _serve_without_postgres(
+    tmp_path: Path, log: Path, nobody: int, *flags: str
+) -> asyncio.subprocess.Process:
+    """`sharechat serve` with DATABASE_URL on a port nothing listens on; output to `log`."""
+    with log.open("wb") as sink:
+        return await asyncio.create_subprocess_exec(
+            *serve_command(free_port(), *flags),
+            stdout=sink,
+            stderr=asyncio.subprocess.STDOUT,
+            env=clean_environ(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{nobody}/x"),
+            cwd=tmp_path,
+        )
+
+
 def _text(log: Path) -> str:
     return log.read_text(errors="replace") if log.exists() else ""
 
@@ -141,17 +155,11 @@ async def test_redis_unreachable_at_start_is_survived(tmp_path: Path, database_u
 async def test_gives_up_after_the_startup_timeout_with_one_line(tmp_path: Path) -> None:
     """Nothing ever listens: exit 1 once --startup-timeout has passed, the reason in one
     line (and one line an attempt before it), no traceback."""
-    port, nobody = free_port(), free_port()
-    command = serve_command(port, "--startup-timeout", "1.5", "--log-format", "json")
+    nobody = free_port()
     log = tmp_path / "server.log"
-    with log.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            stdout=sink,
-            stderr=asyncio.subprocess.STDOUT,
-            env=clean_environ(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{nobody}/x"),
-            cwd=tmp_path,
-        )
+    process = await _serve_without_postgres(
+        tmp_path, log, nobody, "--startup-timeout", "1.5", "--log-format", "json"
+    )
     try:
         async with asyncio.timeout(WAIT * 3):
             assert await process.wait() == 1
@@ -187,16 +195,8 @@ async def test_migrate_waits_and_gives_up_the_same_way(tmp_path: Path) -> None:
 
 
 async def test_sigterm_while_waiting_for_a_backend_exits_at_once(tmp_path: Path) -> None:
-    nobody = free_port()
     log = tmp_path / "server.log"
-    with log.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            *serve_command(free_port()),
-            stdout=sink,
-            stderr=asyncio.subprocess.STDOUT,
-            env=clean_environ(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{nobody}/x"),
-            cwd=tmp_path,
-        )
+    process = await _serve_without_postgres(tmp_path, log, free_port())
     try:
         async with asyncio.timeout(WAIT * 3):
             while "not reachable (attempt 1)" not in _text(log):
