@@ -44,6 +44,11 @@ def unframe(framed: bytes) -> tuple[int, bytes]:
     return int(framed[:space]), framed[space + 1 :]
 
 
+def framed_number(framed: bytes) -> int:
+    """The number alone, without copying the message out of its frame."""
+    return int(framed[: framed.index(b" ", 0, 21)])
+
+
 Fetch = Callable[[UUID, int, int], Awaitable[list[Message]]]  # room, after number, limit
 Deliver = Callable[[int, bytes], None]
 

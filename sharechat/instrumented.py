@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 from uuid import UUID
 
-from sharechat.delivery import unframe
+from sharechat.delivery import framed_number
 from sharechat.domain import Message
 from sharechat.metrics import Metrics
 from sharechat.ports import Deliver, Queue, Repository
@@ -138,7 +138,7 @@ class _MeasuredQueue:
 
         def timed(room_id: UUID, payload: bytes) -> None:
             deliver(room_id, payload)
-            handed_out(room_id, unframe(payload)[0])
+            handed_out(room_id, framed_number(payload))
 
         self._inner.on_message(timed)
 
