@@ -29,7 +29,7 @@ import psycopg2
 from psycopg2 import sql
 
 from bench.backends import ADMIN_DSN, admin
-from sharechat.domain import Member, Room
+from sharechat.domain import Member, Room, chat
 from sharechat.migrations import migrate
 from sharechat.postgres import PostgresRepository, open_postgres_repository
 
@@ -39,13 +39,13 @@ Scenario = Callable[[PostgresRepository, list[UUID], int], Awaitable[None]]
 async def sequential(repository: PostgresRepository, rooms: list[UUID], count: int) -> None:
     member = Member(uuid4(), "Teal Otter")
     for i in range(count):
-        await repository.add_message(rooms[0], member, f"message {i}")
+        await repository.add_message(chat(rooms[0], member, f"message {i}"))
 
 
 async def concurrent(repository: PostgresRepository, rooms: list[UUID], count: int) -> None:
     member = Member(uuid4(), "Teal Otter")
     await asyncio.gather(
-        *(repository.add_message(rooms[0], member, f"message {i}") for i in range(count))
+        *(repository.add_message(chat(rooms[0], member, f"message {i}")) for i in range(count))
     )
 
 
@@ -53,7 +53,7 @@ async def concurrent_rooms(repository: PostgresRepository, rooms: list[UUID], co
     member = Member(uuid4(), "Teal Otter")
     await asyncio.gather(
         *(
-            repository.add_message(rooms[i % len(rooms)], member, f"message {i}")
+            repository.add_message(chat(rooms[i % len(rooms)], member, f"message {i}"))
             for i in range(count)
         )
     )

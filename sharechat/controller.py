@@ -19,9 +19,11 @@ from sharechat.budgets import RateLimiter
 from sharechat.config import Config
 from sharechat.domain import (
     BackendUnavailable,
+    InDoubt,
     Member,
     Message,
     Room,
+    chat,
     chat_text,
     failed,
     with_ref,
@@ -30,11 +32,13 @@ from sharechat.housekeeping import Housekeeping
 from sharechat.ports import Page, Peer, Queue, Repository
 from sharechat.refusals import RefusalLog
 from sharechat.rooms import LiveRooms
-from sharechat.session import Flusher, Session
+from sharechat.session import CLOSE_SERVICE_RESTART, Flusher, Session
 
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 1000  # messages fetched at once for a resuming member
+# The close reason for a member whose message may or may not have been stored.
+IN_DOUBT = "service restart: resume with ?after= to see whether your message was stored"
 
 
 class Controller:
@@ -108,7 +112,7 @@ class Controller:
         see resume_point), the member first gets every message of the history after
         that one, then its own `joined`, then the room live: no gap, no repeat.
         Raises RoomNotFound or BackendUnavailable; then the member is gone again (if
-        its `joined` was stored, its `left` follows).
+        its `joined` was stored, or may have been, its `left` follows).
         """
         member = Member(id=uuid4(), name=names.member_name())
         session = Session(room_id, member, peer, self._config, self._flusher, client_limiter)
@@ -129,7 +133,7 @@ class Controller:
         except BaseException as error:
             # A member whose `joined` was stored leaves like any other: the room may
             # have seen it join.
-            await self._leave(session, stored is not None)
+            await self._leave(session, stored is not None or isinstance(error, InDoubt))
             if isinstance(error, TimeoutError):
                 raise BackendUnavailable("queue did not deliver the joined message") from error
             raise
@@ -163,21 +167,28 @@ class Controller:
     async def _store_and_publish(self, session: Session, text: str, ref: str | None) -> None:
         """With a ref, the message keeps its slot until its echo is delivered: the
         refs a member has pending are never more than MAX_IN_FLIGHT."""
-        echo_holds_slot = False
+        draft = chat(session.room_id, session.member, text)
+        if ref is not None:
+            # Before the store: once stored, the message may reach the room before the
+            # store returns (another instance's next message, its gap repaired).
+            session.expect_echo(draft.id, ref)
         try:
             try:
-                message = await self._repository.add_message(session.room_id, session.member, text)
+                message = await self._repository.add_message(draft)
+            except InDoubt as error:
+                # A `failed` could be a lie: the client resumes and sees what was stored.
+                log.warning("message of %s left in doubt: %s", session.member.id, error)
+                session.forget_echo(draft.id)
+                session.close(CLOSE_SERVICE_RESTART, IN_DOUBT)
+                return
             except BackendUnavailable as error:
                 log.warning("message of %s not stored: %s", session.member.id, error)
+                session.forget_echo(draft.id)
                 self.reject(session, "not sent: the message could not be stored", ref)
                 return
-            if ref is not None:
-                # Before the publish: the echo may be delivered before publish() returns.
-                session.expect_echo(message.id, ref)
-                echo_holds_slot = True
             await self._rooms.publish(message)
         finally:
-            if not echo_holds_slot:
+            if ref is None:
                 session.release_slot()
 
     def reject(self, session: Session, reason: str, ref: str | None = None) -> None:

@@ -191,4 +191,10 @@ class MessageNotFound(SharechatError):
 
 
 class BackendUnavailable(SharechatError):
-    """The repository or the queue did not answer; the operation did not happen."""
+    """The repository or the queue did not answer in time (see each port for what that
+    says about the operation)."""
+
+
+class InDoubt(BackendUnavailable):
+    """The backend went away while the operation was under way, and could not be asked
+    since whether it happened: it may have."""

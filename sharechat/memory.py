@@ -14,6 +14,7 @@ from uuid import UUID
 
 from sharechat import domain
 from sharechat.domain import (
+    Draft,
     Member,
     Message,
     MessageNotFound,
@@ -128,8 +129,8 @@ class MemoryRepository:
             state.emptied_at = time.monotonic()
         return self._store(state, domain.left(room_id, member))
 
-    async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        return self._store(self._state(room_id), domain.chat(room_id, member, text))
+    async def add_message(self, draft: Draft) -> Message:
+        return self._store(self._state(draft.room_id), draft)
 
     async def message_number(self, room_id: UUID, message_id: UUID) -> int:
         return self._state(room_id).number(message_id)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
 
-from sharechat.domain import Member, Message, Room
+from sharechat.domain import Draft, Member, Message, Room
 
 MAX_PAGE = 1000  # messages in one history answer, at most
 MAX_NUMBER = 2**63 - 1  # above the number of any message (PostgreSQL's largest bigint)
@@ -118,7 +118,7 @@ class Repository(Protocol):
     async def add_member(self, room_id: UUID, member: Member, instance_id: UUID) -> Message:
         """Store the member and its `joined` message together; return the message.
 
-        Raises RoomNotFound.
+        Raises RoomNotFound; BackendUnavailable and InDoubt as add_message does.
         """
         ...
 
@@ -130,8 +130,11 @@ class Repository(Protocol):
         """
         ...
 
-    async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        """Store a chat message; `sent` is assigned here. Raises RoomNotFound.
+    async def add_message(self, draft: Draft) -> Message:
+        """Store a chat message (domain.chat); `sent` is assigned here. Raises
+        RoomNotFound; BackendUnavailable when the message is not stored; InDoubt when
+        the backend went away while storing it and did not come back to say whether
+        it did (then the message may appear in the history later).
 
         Concurrent calls are stored in call order and answered in that order: the
         controller publishes each answer at once, so the room's live order is the

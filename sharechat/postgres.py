@@ -23,6 +23,8 @@ import psycopg2
 from sharechat import domain, statements
 from sharechat.domain import (
     BackendUnavailable,
+    Draft,
+    InDoubt,
     Member,
     Message,
     MessageNotFound,
@@ -68,7 +70,7 @@ class PostgresRepository:
         self._transaction = self._connections.transaction
         self._store = Store(room_max_messages or MAX_NUMBER, prepared=prepared_statements)
         self._writes = GroupCommit(
-            self._commit, max_batch=max_batch, room_max_messages=room_max_messages
+            self._commit, self._find, max_batch=max_batch, room_max_messages=room_max_messages
         )
 
     async def drain(self) -> None:
@@ -118,8 +120,8 @@ class PostgresRepository:
     async def remove_member(self, room_id: UUID, member: Member) -> Message | None:
         return await self._writes.leave(room_id, member)
 
-    async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
-        return await self._writes.say(room_id, member, text)
+    async def add_message(self, draft: Draft) -> Message:
+        return await self._writes.say(draft)
 
     async def message_number(self, room_id: UUID, message_id: UUID) -> int:
         async with self._cursor() as cursor:
@@ -211,6 +213,11 @@ class PostgresRepository:
         async with self._transaction() as cursor:
             return await self._store.changes(cursor, writes)
 
+    async def _find(self, drafts: list[Draft]) -> list[Message]:
+        """Which drafts of a batch in doubt are stored (see GroupCommit._resolve)."""
+        async with self._transaction() as cursor:
+            return await self._store.find(cursor, drafts)
+
 
 class _Connections:
     """The aiopg pool: each call bounded by `timeout`, every driver error turned into
@@ -228,6 +235,10 @@ class _Connections:
 
     @contextlib.asynccontextmanager
     async def cursor(self, within: float | None = None) -> AsyncIterator[aiopg.Cursor]:
+        """Raises BackendUnavailable when the statements run on the cursor were not
+        applied, InDoubt when they may have been: the connection broke or timed out
+        after one was sent, and PostgreSQL may have committed it before that."""
+        sent = False
         try:
             async with (
                 asyncio.timeout(within or self.timeout),
@@ -235,6 +246,7 @@ class _Connections:
             ):
                 try:
                     async with connection.cursor() as cursor:
+                        sent = True
                         yield cursor
                 except (*_DRIVER_ERRORS, asyncio.CancelledError):
                     # Its state is unknown now: closed, the pool drops it for a new one.
@@ -242,7 +254,10 @@ class _Connections:
                     raise
         except _DRIVER_ERRORS as error:
             self._lost(error)
-            raise BackendUnavailable(f"PostgreSQL: {_reason(error)}") from error
+            # An error PostgreSQL sent (it has a code) ended the transaction: rolled back.
+            answered = isinstance(error, psycopg2.Error) and error.pgcode is not None
+            unavailable = InDoubt if sent and not answered else BackendUnavailable
+            raise unavailable(f"PostgreSQL: {_reason(error)}") from error
         except asyncio.CancelledError:
             if _cancelled():
                 raise

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_SERVICE_RESTART = 1012
 MAX_IN_FLIGHT = 8  # messages of one member being stored or published at once
 
 
@@ -203,12 +204,23 @@ class Session(Sender):
         self.send(payload)
 
     def expect_echo(self, message_id: UUID, ref: str) -> None:
-        """The echo of this stored message, about to be published, carries `ref`.
+        """The echo of this message, about to be stored, carries `ref`.
 
         It takes over the message's in-flight slot: the slot is released when the
-        echo is delivered (a stored message always is, see rooms.LiveRooms.publish).
+        echo is delivered (a stored message always is, see rooms.LiveRooms.publish),
+        or by forget_echo.
         """
         self._echoes.append((str(message_id).encode(), ref))
+
+    def forget_echo(self, message_id: UUID) -> None:
+        """The message was not stored: no echo will come. Releases its slot, unless a
+        later message's echo released it already (see _echo)."""
+        key = str(message_id).encode()
+        for index, (pending, _) in enumerate(self._echoes):
+            if pending == key:
+                del self._echoes[index]
+                self._in_flight.release()
+                return
 
     def _echo(self, payload: bytes) -> bytes:
         """The room's bytes, with its ref spliced in if this is one of the member's messages.

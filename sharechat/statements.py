@@ -225,6 +225,13 @@ FIND_CURSOR = Statement.compile(
     ).where(rooms.c.id == sa.bindparam("room_id"))
 )
 
+# Messages by id, as storing.Store returns them: id as text, sent, number.
+FIND_MESSAGES = Statement.compile(
+    sa.select(sa.cast(messages.c.id, sa.Text), messages.c.sent, messages.c.number).where(
+        messages.c.id == sa.any_(uuids("ids"))
+    )
+)
+
 
 def _page(order: sa.UnaryExpression[Any]) -> Statement:
     return Statement.compile(

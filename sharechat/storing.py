@@ -13,6 +13,7 @@ import orjson
 
 from sharechat.domain import Draft, Message
 from sharechat.group_commit import Kind, Write
+from sharechat.statements import FIND_MESSAGES
 from sharechat.write_statements import PREPARED, WHOLE
 
 
@@ -94,6 +95,17 @@ class Store:
             drafts=_drafts_json(drafts),
             keep=self.keep,
         )
+        return _stored(drafts, await cursor.fetchall())
+
+
+    async def find(self, cursor: aiopg.Cursor, drafts: Sequence[Draft]) -> list[Message]:
+        """The drafts stored already, inside a transaction. Their rooms are locked
+        first: a statement that stores one of them and is still running (its
+        connection broke, PostgreSQL has not noticed yet) holds a room's lock, so
+        this waits until it has committed or rolled back, then looks."""
+        room_ids = list({str(draft.room_id) for draft in drafts})
+        await self._statements.lock_rooms.run(cursor, room_ids=room_ids)
+        await FIND_MESSAGES.run(cursor, ids=[str(draft.id) for draft in drafts])
         return _stored(drafts, await cursor.fetchall())
 
 

@@ -18,7 +18,7 @@ import pytest
 from sharechat.budgets import RateLimiter
 from sharechat.config import Config
 from sharechat.controller import Controller
-from sharechat.domain import BackendUnavailable, Member, Message, RoomNotFound
+from sharechat.domain import BackendUnavailable, Draft, InDoubt, Member, Message, RoomNotFound
 from sharechat.memory import MemoryQueue, MemoryRepository
 from sharechat.ports import Page
 from sharechat.refusals import RefusalLog
@@ -47,10 +47,10 @@ class FlakyRepository(MemoryRepository):
         super().__init__()
         self.down = False
 
-    async def add_message(self, room_id: UUID, member: Member, text: str) -> Message:
+    async def add_message(self, draft: Draft) -> Message:
         if self.down:
             raise BackendUnavailable("test: repository down")
-        return await super().add_message(room_id, member, text)
+        return await super().add_message(draft)
 
     async def remove_member(self, room_id: UUID, member: Member) -> Message | None:
         if self.down:

@@ -10,7 +10,7 @@ from sharechat.budgets import RateLimiter
 from sharechat.config import Config
 from sharechat.controller import Controller
 from sharechat.delivery import RoomOrder, frame, unframe
-from sharechat.domain import Member, Message, Room
+from sharechat.domain import Member, Message, Room, chat
 from sharechat.memory import MemoryQueue, MemoryRepository
 from sharechat.refusals import RefusalLog
 from tests.helpers import WAIT, Recorder, eventually
@@ -39,7 +39,7 @@ class Ordered:
 
     async def store(self, count: int) -> list[Message]:
         return [
-            await self.repository.add_message(self.room.id, self.member, f"m{n}")
+            await self.repository.add_message(chat(self.room.id, self.member, f"m{n}"))
             for n in range(count)
         ]
 
@@ -134,7 +134,7 @@ async def test_a_message_stored_but_never_published_reaches_the_room() -> None:
         session = await controller.join(room.id, peer, RateLimiter(0, 1))
         ghost = Member(uuid4(), "Red Fox")  # a member of the instance that died
         await repository.add_member(room.id, ghost, uuid4())
-        await repository.add_message(room.id, ghost, "my last words")
+        await repository.add_message(chat(room.id, ghost, "my last words"))
 
         async def heard() -> bool:
             return [f["message"] for f in peer.frames][-1:] == ["my last words"]

@@ -12,6 +12,7 @@ from uuid import uuid4
 import aiohttp
 import pytest
 
+from sharechat import domain
 from sharechat.memory import MemoryRepository
 from sharechat.ports import MAX_NUMBER, MAX_PAGE, Page
 from tests.conftest import Chat, StartServer
@@ -129,7 +130,9 @@ async def test_memory_keeps_nothing_of_what_it_dropped() -> None:
     repository = MemoryRepository(room_max_messages=10)
     room = await new_room(repository)
     member = new_member()
-    stored = [await repository.add_message(room.id, member, f"m{n}") for n in range(10_000)]
+    stored = [
+        await repository.add_message(domain.chat(room.id, member, f"m{n}")) for n in range(10_000)
+    ]
     state = repository._rooms[room.id]
     assert len(state.messages) <= 2 * 10
     assert len(state.number_of) == 10

@@ -24,6 +24,7 @@ from sharechat.domain import (
     MessageType,
     Room,
     RoomNotFound,
+    chat,
 )
 from sharechat.migrations import MigrationError, default_sql_dir, migrate
 from sharechat.ports import Page
@@ -187,7 +188,7 @@ async def test_message_numbers_are_given_to_the_existing_history(tmp_path: Path)
             (room_ids[0], "m6", 4),
         ]
         async with open_postgres_repository(dsn) as repository:
-            stored = await repository.add_message(room_ids[1], new_member(), "m7")
+            stored = await repository.add_message(chat(room_ids[1], new_member(), "m7"))
         number_of_stored = sa.select(messages.c.number).where(messages.c.id == stored.id)
         assert await query(dsn, number_of_stored) == [(4,)]
 
@@ -369,11 +370,11 @@ async def test_one_batch_keeps_the_call_order_and_the_rooms_emptiness(
         async with writer_held_up(repository, dsn):
             calls = asyncio.gather(
                 repository.add_member(filled.id, ant, uuid4()),
-                repository.add_message(filled.id, ant, "hi"),
+                repository.add_message(chat(filled.id, ant, "hi")),
                 repository.remove_member(staying.id, old_fox),
                 repository.add_member(staying.id, bee, uuid4()),
                 repository.remove_member(emptied.id, old_owl),
-                repository.add_message(staying.id, bee, "hello"),
+                repository.add_message(chat(staying.id, bee, "hello")),
             )
         results = await calls
 
@@ -429,8 +430,8 @@ async def test_a_batch_with_a_deleted_room_fails_only_that_rooms_callers(
             calls = asyncio.gather(
                 repository.add_member(doomed.id, ghost, uuid4()),
                 repository.add_member(live.id, newcomer, uuid4()),
-                repository.add_message(doomed.id, ghost, "anyone?"),
-                repository.add_message(live.id, resident, "welcome"),
+                repository.add_message(chat(doomed.id, ghost, "anyone?")),
+                repository.add_message(chat(live.id, resident, "welcome")),
                 repository.remove_member(doomed.id, stranger),
                 repository.remove_member(live.id, resident),
                 return_exceptions=True,
@@ -520,7 +521,7 @@ async def test_rooms_keep_the_bound_exactly_under_concurrent_writers(dsn: str) -
             room, member = room_list[n % 4], new_member(f"Member {n}")
             stored: list[Message | None] = [await repository.add_member(room.id, member, uuid4())]
             for i in range(n % 7):
-                stored.append(await repository.add_message(room.id, member, f"{n}.{i}"))
+                stored.append(await repository.add_message(chat(room.id, member, f"{n}.{i}")))
             stored.append(await repository.remove_member(room.id, member))
             return stored
 
@@ -529,8 +530,14 @@ async def test_rooms_keep_the_bound_exactly_under_concurrent_writers(dsn: str) -
             visits = await asyncio.gather(
                 *(visit(one, n) for n in range(0, 80, 2)),
                 *(visit(two, n) for n in range(1, 80, 2)),
-                *(one.add_message(room_list[n % 4].id, new_member(), "burst") for n in range(300)),
-                *(two.add_message(room_list[n % 4].id, new_member(), "burst") for n in range(300)),
+                *(
+                    one.add_message(chat(room_list[n % 4].id, new_member(), "burst"))
+                    for n in range(300)
+                ),
+                *(
+                    two.add_message(chat(room_list[n % 4].id, new_member(), "burst"))
+                    for n in range(300)
+                ),
             )
         finally:
             writing = False
@@ -553,13 +560,15 @@ async def test_a_lowered_bound_trims_every_room_as_the_repository_opens(dsn: str
         async with open_postgres_repository(dsn, room_max_messages=100) as repository:
             big, small = await new_room(repository), await new_room(repository)
             member = new_member()
-            stored = [await repository.add_message(big.id, member, f"m{n}") for n in range(30)]
-            await repository.add_message(small.id, member, "alone")
+            stored = [
+                await repository.add_message(chat(big.id, member, f"m{n}")) for n in range(30)
+            ]
+            await repository.add_message(chat(small.id, member, "alone"))
         async with open_postgres_repository(dsn, room_max_messages=10) as repository:
             assert await repository.list_messages(big.id, Page()) == stored[-10:]
             assert await texts(repository, small.id) == ["alone"]
             assert await repository.trim_rooms() == 0
-            stored.append(await repository.add_message(big.id, member, "m30"))
+            stored.append(await repository.add_message(chat(big.id, member, "m30")))
             assert await repository.list_messages(big.id, Page()) == stored[-10:]
 
 
@@ -569,7 +578,9 @@ async def test_a_busy_room_at_its_bound_stores_at_a_steady_cost(dsn: str) -> Non
     async with asyncio.timeout(WAIT), open_postgres_repository(dsn, room_max_messages=10) as repo:
         room = await new_room(repo)
         member = new_member()
-        await asyncio.gather(*(repo.add_message(room.id, member, f"m{n}") for n in range(3000)))
+        await asyncio.gather(
+            *(repo.add_message(chat(room.id, member, f"m{n}")) for n in range(3000))
+        )
         explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + PREPARED.insert_message.sql
         params = {"id": str(uuid4()), "room_id": str(room.id), "member_id": str(member.id)}
         params |= {"member_name": member.name, "type": "chat", "message": "next", "keep": 10}
@@ -611,7 +622,9 @@ async def test_a_lone_message_waits_for_a_room_another_writer_holds(
     async with asyncio.timeout(WAIT):
         room = await new_room(repository)
         async with room_locked_elsewhere(dsn, room.id, key_share=True):
-            sending = asyncio.create_task(repository.add_message(room.id, new_member(), "next"))
+            sending = asyncio.create_task(
+                repository.add_message(chat(room.id, new_member(), "next"))
+            )
             await backend_waiting_for_a_lock(dsn)
             assert not sending.done()
         assert (await sending).message == "next"
@@ -620,16 +633,14 @@ async def test_a_lone_message_waits_for_a_room_another_writer_holds(
 async def test_the_writers_statements_are_planned_once_per_connection(dsn: str) -> None:
     """The writer's statements are prepared on each connection the pool opens, and
     PostgreSQL settles on one plan for them instead of planning every call."""
-    prepared = sa.table(
-        "pg_prepared_statements", sa.column("name"), sa.column("generic_plans")
-    )
+    prepared = sa.table("pg_prepared_statements", sa.column("name"), sa.column("generic_plans"))
     statistics = sa.select(prepared.c.name, prepared.c.generic_plans).compile(dialect=DIALECT)
     async with asyncio.timeout(WAIT), open_postgres_repository(dsn, pool_max=1) as repository:
         room = await new_room(repository)
         member = new_member()
         await repository.add_member(room.id, member, uuid4())
         for i in range(10):
-            await repository.add_message(room.id, member, f"message {i}")
+            await repository.add_message(chat(room.id, member, f"message {i}"))
         async with pooled_cursor(repository) as cursor:
             await cursor.execute(str(statistics))
             plans = dict(await cursor.fetchall())
@@ -655,7 +666,9 @@ async def test_without_prepared_statements_no_session_keeps_any(dsn: str) -> Non
         room = await new_room(repository)
         member = new_member()
         await repository.add_member(room.id, member, uuid4())
-        await asyncio.gather(*(repository.add_message(room.id, member, f"m{i}") for i in range(20)))
+        await asyncio.gather(
+            *(repository.add_message(chat(room.id, member, f"m{i}")) for i in range(20))
+        )
         await repository.remove_member(room.id, member)
         assert len(await repository.list_messages(room.id, Page())) == 22
         async with pooled_cursor(repository) as cursor:
@@ -671,7 +684,7 @@ async def test_group_commit_stores_concurrent_messages_in_few_transactions(
         senders = [new_member(f"Sender {i}") for i in range(20)]
         calls = [(senders[i % 20], f"message {i}") for i in range(200)]
         stored = await asyncio.gather(
-            *(repository.add_message(room.id, sender, text) for sender, text in calls)
+            *(repository.add_message(chat(room.id, sender, text)) for sender, text in calls)
         )
         assert [(m.member_id, m.message) for m in stored] == [(s.id, t) for s, t in calls]
         assert len({message.id for message in stored}) == 200
@@ -807,7 +820,7 @@ async def test_calls_fail_promptly_without_postgres_and_recover_after() -> None:
             await cluster.start()
             # The same object, without re-creation: its pool reconnects by itself.
             await repository.ping()
-            await repository.add_message(room.id, member, "back again")
+            await repository.add_message(chat(room.id, member, "back again"))
             assert await texts(repository, room.id) == ["Teal Otter joined", "back again"]
 
 
@@ -828,7 +841,7 @@ async def test_calls_time_out_on_a_frozen_server_and_recover_after() -> None:
                 )
             assert results == [None] * len(results)
             await repository.ping()
-            await repository.add_message(room.id, member, "thawed")
+            await repository.add_message(chat(room.id, member, "thawed"))
             assert (await texts(repository, room.id))[-1] == "thawed"
 
 
@@ -839,7 +852,7 @@ def unavailable_calls(
         repository.ping(),
         repository.get_room(room_id),
         repository.list_messages(room_id, Page()),
-        repository.add_message(room_id, member, "into the void"),
+        repository.add_message(chat(room_id, member, "into the void")),
         repository.remove_member(room_id, member),
         repository.reap_expired_instances(),
         repository.delete_idle_rooms(0),

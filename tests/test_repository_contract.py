@@ -17,7 +17,7 @@ from uuid import uuid4
 
 import pytest
 
-from sharechat.domain import Message, MessageNotFound, MessageType, Room, RoomNotFound
+from sharechat.domain import Message, MessageNotFound, MessageType, Room, RoomNotFound, chat
 from sharechat.memory import MemoryRepository
 from sharechat.ports import MAX_PAGE, Page, Repository
 from tests.helpers import new_member, new_room, texts
@@ -102,7 +102,9 @@ async def test_rooms_are_created_and_found(repository: Repository) -> None:
 async def test_a_missing_room_is_room_not_found(repository: Repository) -> None:
     missing = uuid4()
     async with asyncio.timeout(WAIT):
-        message = await repository.add_message((await new_room(repository)).id, new_member(), "x")
+        message = await repository.add_message(
+            chat((await new_room(repository)).id, new_member(), "x")
+        )
         for call in (
             repository.get_room(missing),
             repository.list_members(missing),
@@ -110,7 +112,7 @@ async def test_a_missing_room_is_room_not_found(repository: Repository) -> None:
             repository.list_messages(missing, Page(before=message.id)),
             repository.message_number(missing, message.id),
             repository.add_member(missing, new_member(), uuid4()),
-            repository.add_message(missing, new_member(), "nowhere"),
+            repository.add_message(chat(missing, new_member(), "nowhere")),
         ):
             with pytest.raises(RoomNotFound):
                 await call
@@ -194,7 +196,7 @@ async def test_reads_and_writes_at_once(repository: Repository) -> None:
         _, listings, histories, found = await asyncio.gather(
             asyncio.gather(
                 *(repository.add_member(room.id, member, uuid4()) for member in crowd),
-                *(repository.add_message(room.id, crowd[0], f"m{n}") for n in range(8)),
+                *(repository.add_message(chat(room.id, crowd[0], f"m{n}")) for n in range(8)),
             ),
             asyncio.gather(*(repository.list_members(room.id) for _ in range(8))),
             asyncio.gather(*(repository.list_messages(room.id, Page()) for _ in range(8))),
@@ -216,11 +218,13 @@ async def test_messages_are_numbered_and_kept_in_call_order(repository: Reposito
     async with asyncio.timeout(WAIT):
         room, other = await new_room(repository), await new_room(repository)
         member = new_member("Zoë Ω")
-        first = await repository.add_message(room.id, member, "alone 🦊")
+        first = await repository.add_message(chat(room.id, member, "alone 🦊"))
         assert (first.room_id, first.member_id, first.member_name) == (room.id, member.id, "Zoë Ω")
         assert (first.type, first.message, first.number) == (MessageType.CHAT, "alone 🦊", 1)
         calls = [(room if n % 3 else other, f"m{n}") for n in range(60)]
-        stored = await asyncio.gather(*(repository.add_message(r.id, member, t) for r, t in calls))
+        stored = await asyncio.gather(
+            *(repository.add_message(chat(r.id, member, t)) for r, t in calls)
+        )
         assert [m.message for m in stored] == [t for _, t in calls]
         in_room = [m for m in stored if m.room_id == room.id]
         assert [m.number for m in in_room] == list(range(2, len(in_room) + 2))
@@ -241,9 +245,9 @@ async def test_add_message_to_a_missing_room_fails_only_that_caller(
         member = new_member()
         said = [f"text {i}" for i in range(30)]
         results = await asyncio.gather(
-            *(repository.add_message(room.id, member, text) for text in said[:15]),
-            repository.add_message(uuid4(), member, "nowhere"),
-            *(repository.add_message(room.id, member, text) for text in said[15:]),
+            *(repository.add_message(chat(room.id, member, text)) for text in said[:15]),
+            repository.add_message(chat(uuid4(), member, "nowhere")),
+            *(repository.add_message(chat(room.id, member, text)) for text in said[15:]),
             return_exceptions=True,
         )
         assert isinstance(results.pop(15), RoomNotFound)
@@ -255,7 +259,9 @@ async def test_any_storable_text_round_trips_exactly(repository: Repository) -> 
     async with asyncio.timeout(WAIT):
         room = await new_room(repository)
         member = new_member("Robert'); DROP TABLE members; --")
-        stored = [await repository.add_message(room.id, member, text) for text in HOSTILE_TEXTS]
+        stored = [
+            await repository.add_message(chat(room.id, member, text)) for text in HOSTILE_TEXTS
+        ]
         assert [message.message for message in stored] == HOSTILE_TEXTS
         assert await repository.list_messages(room.id, Page()) == stored
         joined = await repository.add_member(room.id, member, uuid4())
@@ -272,7 +278,9 @@ async def chatty_room(repository: Repository) -> tuple[Room, list[Message]]:
     async with asyncio.timeout(WAIT):
         room = await new_room(repository)
         member = new_member()
-        return room, [await repository.add_message(room.id, member, f"m{i}") for i in range(10)]
+        return room, [
+            await repository.add_message(chat(room.id, member, f"m{i}")) for i in range(10)
+        ]
 
 
 async def test_history_is_oldest_first_and_limit_keeps_the_newest(
@@ -311,7 +319,7 @@ async def test_a_cursor_must_be_a_message_of_the_room(
     room, _ = chatty_room
     async with asyncio.timeout(WAIT):
         other = await new_room(repository)
-        foreign = await repository.add_message(other.id, new_member(), "elsewhere")
+        foreign = await repository.add_message(chat(other.id, new_member(), "elsewhere"))
         for message_id in (foreign.id, uuid4()):
             for page in (Page(before=message_id), Page(after=message_id)):
                 with pytest.raises(MessageNotFound):
@@ -336,7 +344,7 @@ async def test_a_page_holds_1000_messages_at_most(repository: Repository) -> Non
     async with asyncio.timeout(WAIT):
         room = await new_room(repository)
         member = new_member()
-        calls = [repository.add_message(room.id, member, f"m{n}") for n in range(1200)]
+        calls = [repository.add_message(chat(room.id, member, f"m{n}")) for n in range(1200)]
         stored: list[Message] = await asyncio.gather(*calls)
         assert await repository.list_messages(room.id, Page()) == stored[-MAX_PAGE:]
         assert await repository.list_messages(room.id, Page(after=stored[0].id)) == stored[1:1001]
@@ -351,13 +359,13 @@ async def test_a_room_never_holds_more_than_the_bound(open_repository: OpenRepos
         room, other = await new_room(repository), await new_room(repository)
         member = new_member()
         for n in range(12):
-            await repository.add_message(room.id, member, f"m{n}")
+            await repository.add_message(chat(room.id, member, f"m{n}"))
             assert await texts(repository, room.id) == [
                 f"m{i}" for i in range(max(0, n - 4), n + 1)
             ]
         # Concurrent calls: more than the bound of one room at once.
         calls = [(room if n % 3 else other, f"c{n}") for n in range(40)]
-        await asyncio.gather(*(repository.add_message(r.id, member, t) for r, t in calls))
+        await asyncio.gather(*(repository.add_message(chat(r.id, member, t)) for r, t in calls))
         assert await texts(repository, room.id) == [t for r, t in calls if r is room][-5:]
         assert await texts(repository, other.id) == [t for r, t in calls if r is other][-5:]
         # Joins and leaves are messages of the room like any other.
@@ -374,7 +382,7 @@ async def test_cursors_and_numbers_after_trimming(open_repository: OpenRepositor
     async with asyncio.timeout(WAIT), open_repository(3) as repository:
         room = await new_room(repository)
         member = new_member()
-        stored = [await repository.add_message(room.id, member, f"m{n}") for n in range(10)]
+        stored = [await repository.add_message(chat(room.id, member, f"m{n}")) for n in range(10)]
         assert [m.number for m in stored] == list(range(1, 11))
         assert await texts(repository, room.id) == ["m7", "m8", "m9"]
         assert await texts(repository, room.id, Page(after=stored[7].id)) == ["m8", "m9"]
@@ -395,7 +403,9 @@ async def test_a_bound_of_0_keeps_everything(repository: Repository) -> None:
     async with asyncio.timeout(WAIT):
         room = await new_room(repository)
         member = new_member()
-        await asyncio.gather(*(repository.add_message(room.id, member, f"m{n}") for n in range(30)))
+        await asyncio.gather(
+            *(repository.add_message(chat(room.id, member, f"m{n}")) for n in range(30))
+        )
         assert await texts(repository, room.id) == [f"m{n}" for n in range(30)]
 
 
@@ -407,7 +417,7 @@ async def test_idle_rooms_are_deleted_with_everything_in_them(repository: Reposi
         idle, busy, never_joined = [await new_room(repository) for _ in range(3)]
         member = new_member()
         await repository.add_member(idle.id, member, uuid4())
-        said = await repository.add_message(idle.id, member, "soon gone")
+        said = await repository.add_message(chat(idle.id, member, "soon gone"))
         await repository.remove_member(idle.id, member)
         await repository.add_member(busy.id, new_member(), uuid4())
 
