@@ -22,7 +22,7 @@ from sharechat.domain import BackendUnavailable, Draft, InDoubt, Member, Message
 from sharechat.memory import MemoryQueue, MemoryRepository
 from sharechat.ports import Page
 from sharechat.refusals import RefusalLog
-from sharechat.session import Session
+from sharechat.session import MAX_IN_FLIGHT, Session
 from tests.helpers import WAIT, Recorder, eventually
 
 
@@ -46,10 +46,14 @@ class FlakyRepository(MemoryRepository):
     def __init__(self) -> None:
         super().__init__()
         self.down = False
+        self.in_doubt = False  # storing, and the connection breaks before the answer
 
     async def add_message(self, draft: Draft) -> Message:
         if self.down:
             raise BackendUnavailable("test: repository down")
+        if self.in_doubt:
+            await super().add_message(draft)
+            raise InDoubt("test: the connection broke")
         return await super().add_message(draft)
 
     async def remove_member(self, room_id: UUID, member: Member) -> Message | None:
@@ -147,6 +151,37 @@ async def test_a_message_not_stored_fails_for_the_sender_alone() -> None:
         assert alice_peer.frames[-1]["memberId"] == str(alice.member.id)
         assert [kind for kind, _ in bob_peer.said()] == ["joined"]
         assert [kind for kind, _ in await chat.history(room)] == ["joined", "joined"]
+
+
+async def test_messages_not_stored_free_their_slots_and_keep_their_refs() -> None:
+    async with running_chat(rate_limit=0) as chat:
+        room = await chat.room()
+        alice, alice_peer = await chat.join(room)
+        chat.repository.down = True
+        async with asyncio.timeout(WAIT):  # a slot kept would stop the ninth message
+            for n in range(MAX_IN_FLIGHT + 2):
+                await chat.controller.say(alice, f"lost {n}", ref=f"r{n}")
+            await alice.messages_sent()
+        await until(lambda: len(alice_peer.frames) == MAX_IN_FLIGHT + 3)
+
+        assert [(f["type"], f["ref"]) for f in alice_peer.frames[1:]] == [
+            ("failed", f"r{n}") for n in range(MAX_IN_FLIGHT + 2)
+        ]
+
+
+async def test_a_message_in_doubt_closes_the_sender_with_1012_instead_of_failing() -> None:
+    """The sender cannot be told `failed` (the message may be in the history) or
+    echoed (it may not): it resumes with ?after= and sees what the room holds."""
+    async with running_chat() as chat:
+        room = await chat.room()
+        alice, alice_peer = await chat.join(room)
+        chat.repository.in_doubt = True
+        await chat.say(alice, "did it?")
+        await until(lambda: alice_peer.closed is not None)
+
+        assert alice_peer.closed == 1012
+        assert [kind for kind, _ in alice_peer.said()] == ["joined"]  # no `failed`
+        assert (await chat.history(room))[-1] == ("chat", "did it?")
 
 
 @pytest.mark.parametrize(

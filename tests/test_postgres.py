@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
 import aiopg
@@ -19,6 +20,7 @@ from sqlalchemy.dialects import postgresql
 
 from sharechat.domain import (
     BackendUnavailable,
+    InDoubt,
     Member,
     Message,
     MessageType,
@@ -31,6 +33,7 @@ from sharechat.ports import Page
 from sharechat.postgres import PostgresRepository, open_postgres_repository
 from sharechat.statements import instances, members, messages, metadata, rooms
 from sharechat.write_statements import PREPARED
+from tests.faults import TcpProxy, with_port
 from tests.helpers import eventually, new_member, new_room, texts
 from tests.pg_support import temporary_database, throwaway_cluster
 
@@ -843,6 +846,42 @@ async def test_calls_time_out_on_a_frozen_server_and_recover_after() -> None:
             await repository.ping()
             await repository.add_message(chat(room.id, member, "thawed"))
             assert (await texts(repository, room.id))[-1] == "thawed"
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "rolled-back"])
+async def test_a_store_whose_connection_breaks_in_flight_is_found_out(
+    dsn: str, committed: bool
+) -> None:
+    """The statement reaches PostgreSQL, waits there for the room's lock, and its
+    connection is cut: only PostgreSQL knows whether it commits. The call waits
+    until PostgreSQL can be asked again, then answers with what happened."""
+    async with (
+        asyncio.timeout(WAIT * 3),
+        TcpProxy(urlsplit(dsn).port or 5432) as proxy,
+        open_postgres_repository(with_port(dsn, proxy.port)) as repository,
+    ):
+        room = await new_room(repository)
+        said = chat(room.id, new_member(), "did it arrive?")
+        async with room_locked_elsewhere(dsn, room.id):
+            sending = asyncio.create_task(repository.add_message(said))
+            in_flight = await backend_waiting_for_a_lock(dsn)
+            async with proxy.outage():
+                while proxy.open_connections:  # the repository's connections reset
+                    await asyncio.sleep(0.01)
+                if not committed:
+                    await query(dsn, sa.select(sa.func.pg_terminate_backend(in_flight)))
+                await asyncio.sleep(0.3)  # the repository asks, and cannot get through
+                assert not sending.done()
+        # The lock released: the statement in flight commits first, then the look.
+        if committed:
+            stored = await sending
+            assert (stored.id, stored.message) == (said.id, "did it arrive?")
+            assert await texts(repository, room.id) == ["did it arrive?"]
+        else:
+            with pytest.raises(BackendUnavailable) as raised:
+                await sending
+            assert not isinstance(raised.value, InDoubt)
+            assert await texts(repository, room.id) == []
 
 
 def unavailable_calls(
