@@ -6,7 +6,8 @@
 Each round gets a fresh database `sharechat_bench_<random>` (migrated, dropped
 afterwards) at BENCH_ADMIN_DSN. Scenarios: `sequential` (one call at a time,
 each message stored alone), `concurrent` (all calls at once into one room: group
-commit), `concurrent-10-rooms` (all at once, spread over 10 rooms). Prints the
+commit), `concurrent-10-rooms` (all at once, spread over 10 rooms),
+`joins-and-leaves` (members join and leave one at a time: a write each). Prints the
 median of the rounds: messages a second, and microseconds a message of wall time
 and of PostgreSQL's CPU (its backends' user + system time, read from /proc: the
 figure that other work on the machine disturbs least).
@@ -59,8 +60,20 @@ async def concurrent_rooms(repository: PostgresRepository, rooms: list[UUID], co
     )
 
 
+async def joins_and_leaves(
+    repository: PostgresRepository, rooms: list[UUID], count: int
+) -> None:
+    """Members join and leave one at a time: `count` writes, each alone."""
+    instance = uuid4()
+    for _ in range(count // 2):
+        member = Member(uuid4(), "Teal Otter")
+        await repository.add_member(rooms[0], member, instance)
+        await repository.remove_member(rooms[0], member)
+
+
 SCENARIOS: dict[str, tuple[Scenario, int]] = {
     "sequential": (sequential, 1),
+    "joins-and-leaves": (joins_and_leaves, 1),
     "concurrent": (concurrent, 1),
     "concurrent-10-rooms": (concurrent_rooms, 10),
 }

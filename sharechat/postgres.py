@@ -203,14 +203,13 @@ class PostgresRepository:
         """Apply a batch of the group commit."""
         if self._on_batch is not None:
             self._on_batch(len(writes))
-        if all(write.kind is Kind.CHAT for write in writes):
-            # Lock and store in one query outside a transaction block: PostgreSQL
-            # runs it as one transaction and commits it on its own, no round trips
-            # for BEGIN and COMMIT.
-            async with self._cursor() as cursor:
+        # Lock and write in one query outside a transaction block: PostgreSQL runs it
+        # as one transaction and commits it on its own, no round trips for BEGIN and
+        # COMMIT.
+        async with self._cursor() as cursor:
+            if all(write.kind is Kind.CHAT for write in writes):
                 drafts = [write.draft for write in writes]
                 return await self._store.messages(cursor, drafts, lock=True)
-        async with self._transaction() as cursor:
             return await self._store.changes(cursor, writes)
 
     async def _find(self, drafts: list[Draft]) -> list[Message]:

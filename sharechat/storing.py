@@ -65,27 +65,22 @@ class Store:
         return stored
 
     async def changes(self, cursor: aiopg.Cursor, writes: Sequence[Write]) -> list[Message]:
-        """Apply a batch of writes inside a transaction; return the messages stored.
+        """Apply a batch of writes in one round trip; return the messages stored.
 
-        Two statements: lock the rooms (all in one statement, so in id order), then
-        change the members and store the messages of those that exist. A write to a
-        room that is gone stores nothing, nor does the leave of a member that is
-        gone already. A batch changes each member once at most (see
-        GroupCommit._next_batch), so within the statement no member's changes need
-        ordering; the messages are stored in the order of the writes, `keep` of a
-        room at most.
+        Two statements in one query, so one transaction: lock the rooms (all in one
+        statement, so in id order), then change the members and store the messages
+        of those that exist. A write to a room that is gone stores nothing, nor does
+        the leave of a member that is gone already. A batch changes each member once
+        at most (see GroupCommit._next_batch), so within the statement no member's
+        changes need ordering; the messages are stored in the order of the writes,
+        `keep` of a room at most.
         """
-        room_ids = list({str(write.room_id) for write in writes})
-        await self._statements.lock_rooms.run(cursor, room_ids=room_ids)
-        live = {room_id for (room_id,) in await cursor.fetchall()}
-        writes = [write for write in writes if write.room_id in live]
-        if not writes:
-            return []
         joins = [write for write in writes if write.kind is Kind.JOIN]
         exits = [write for write in writes if write.kind is Kind.LEAVE]
         drafts = [write.draft for write in writes]
-        await self._statements.apply_changes.run(
+        await self._statements.change_members.run(
             cursor,
+            room_ids=list({str(write.room_id) for write in writes}),
             join_ids=[str(join.member_id) for join in joins],
             join_room_ids=[str(join.room_id) for join in joins],
             names=[join.draft.member.name for join in joins],
@@ -96,7 +91,6 @@ class Store:
             keep=self.keep,
         )
         return _stored(drafts, await cursor.fetchall())
-
 
     async def find(self, cursor: aiopg.Cursor, drafts: Sequence[Draft]) -> list[Message]:
         """The drafts stored already, inside a transaction. Their rooms are locked

@@ -1,13 +1,14 @@
 """The writer's statements: how PostgreSQL stores messages and member changes, fast.
 
 Each is a trick the plain design (one Core statement per change) would not need:
-- a batch of any size is two statements in one transaction: lock its rooms,
-  then one statement of data-modifying CTEs that adds and removes the members
-  and stores, numbers and trims the messages;
+- a batch of any size is two statements sent as one query (one round trip, one
+  transaction, no BEGIN/COMMIT): lock its rooms, then one statement of
+  data-modifying CTEs that adds and removes the members and stores, numbers
+  and trims the messages;
 - the messages travel as one JSON parameter read by `json_to_recordset`, and
   uuids as text, so psycopg2 adapts nothing element by element;
 - a message that travels alone takes a one-row statement (no JSON, no window),
-  sent with the lock of its room as one query: one round trip, no BEGIN/COMMIT;
+  sent with the lock of its room;
 - PREPARED has them prepared on each connection, so PostgreSQL parses and plans
   them once per connection; WHOLE sends them whole, for a pooler in transaction
   mode, where nothing may outlive a transaction.
@@ -181,7 +182,8 @@ def _insert_message() -> sa.Select[tuple[str, datetime, int]]:
 
 
 def _insert_members() -> sa.Insert:
-    """Add many members in one statement, in the order given; returns their rooms."""
+    """Add many members in one statement, in the order given; returns their rooms.
+    A member of a room that is gone is left out."""
     new = (
         sa.func.unnest(
             uuids("join_ids"), uuids("join_room_ids"), texts("names"), uuids("instance_ids")
@@ -190,9 +192,11 @@ def _insert_members() -> sa.Insert:
         .render_derived()
         .alias("joining")
     )
-    rows = sa.select(
-        new.c.id, new.c.room_id, new.c.name, new.c.instance_id, sa.func.clock_timestamp()
-    ).order_by(new.c.ord)
+    rows = (
+        sa.select(new.c.id, new.c.room_id, new.c.name, new.c.instance_id, sa.func.clock_timestamp())
+        .where(new.c.room_id.in_(sa.select(rooms.c.id)))
+        .order_by(new.c.ord)
+    )
     columns = ["id", "room_id", "name", "instance_id", "joined"]
     return sa.insert(members).from_select(columns, rows).returning(members.c.room_id)
 
@@ -214,7 +218,8 @@ def _delete_members() -> ReturningDelete[tuple[UUID, UUID]]:
 
 def _apply_changes() -> sa.Select[tuple[str, datetime, int]]:
     """Joins, leaves and their messages in one statement, for rooms that an earlier
-    statement of the transaction locked (so they exist); returns the stored messages.
+    statement of the transaction locked; returns the stored messages. Changes to a
+    room that is gone are left out (its members went with it).
 
     Earlier, because a statement's snapshot is taken as it starts: this one must
     see every change that others made to these rooms before we held them.
@@ -262,6 +267,7 @@ class WriteStatements:
     # The same, rooms locked first: two statements, one round trip, one transaction.
     store_messages: Statement
     store_message: Statement
+    change_members: Statement
 
     @classmethod
     def build(cls, make: Callable[[str, sa.ClauseElement], Statement]) -> WriteStatements:
@@ -274,14 +280,16 @@ class WriteStatements:
         )
         insert_messages = make("sharechat_insert_messages", _insert_messages())
         insert_message = make("sharechat_insert_message", _insert_message())
+        apply_changes = make("sharechat_apply_changes", _apply_changes())
         return cls(
             lock_rooms=lock_rooms,
             lock_room=lock_room,
-            apply_changes=make("sharechat_apply_changes", _apply_changes()),
+            apply_changes=apply_changes,
             insert_messages=insert_messages,
             insert_message=insert_message,
             store_messages=Statement.chain(lock_rooms, insert_messages),
             store_message=Statement.chain(lock_room, insert_message),
+            change_members=Statement.chain(lock_rooms, apply_changes),
         )
 
     def preparations(self) -> list[str]:
