@@ -100,11 +100,20 @@ async def texts(repository: Repository, room_id: UUID, page: Page | None = None)
     return [m.message for m in await repository.list_messages(room_id, page or Page())]
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free now, and never given before in this run: the kernel may hand out
+    a port again as soon as the probe closes, and two servers (a cluster's nodes, a
+    node's client and bus ports) would then be started on one port."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 class Recorder:
