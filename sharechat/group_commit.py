@@ -8,7 +8,7 @@ messages are numbered in the order the calls were made.
 
 The batching knows nothing of SQL: it is built with the function that applies
 a batch (storing.Store, through PostgresRepository) and the one that finds
-what a batch stored, for a batch whose commit is in doubt (see Resolution).
+what a batch stored, for a batch whose commit is in doubt (see GroupCommit._resolve).
 """
 
 from __future__ import annotations

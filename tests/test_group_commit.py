@@ -15,7 +15,7 @@ from sharechat.domain import BackendUnavailable, Draft, InDoubt, Message
 from sharechat.group_commit import GroupCommit, Write
 from tests.helpers import WAIT, new_member
 
-RESOLVE_WITHIN = 0.5
+RESOLVE_WITHIN = 0.5  # seconds: the deadline of a doubt, short for the test
 
 
 class Backend:
@@ -67,11 +67,11 @@ async def group(store: Backend) -> AsyncIterator[GroupCommit]:
         await group.drain()
 
 
+ROOM = uuid4()
+
+
 def draft(text: str) -> Draft:
     return domain.chat(ROOM, new_member(), text)
-
-
-ROOM = uuid4()
 
 
 async def answered_when_back(store: Backend, sending: asyncio.Task[Message]) -> None:
