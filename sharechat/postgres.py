@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any
 from uuid import UUID
@@ -74,8 +75,10 @@ class PostgresRepository:
         )
 
     async def drain(self) -> None:
-        """Finish the writes already handed to add_member, remove_member and add_message."""
+        """Finish the writes already handed to add_member, remove_member and add_message,
+        and give the writer's connection back to the pool."""
         await self._writes.drain()
+        await self._connections.give_back()
 
     async def ping(self) -> None:
         async with self._cursor() as cursor:
@@ -205,8 +208,8 @@ class PostgresRepository:
             self._on_batch(len(writes))
         # Lock and write in one query outside a transaction block: PostgreSQL runs it
         # as one transaction and commits it on its own, no round trips for BEGIN and
-        # COMMIT.
-        async with self._cursor() as cursor:
+        # COMMIT. The writer is one task at a time: it keeps its connection.
+        async with self._cursor(kept=True) as cursor:
             if all(write.kind is Kind.CHAT for write in writes):
                 drafts = [write.draft for write in writes]
                 return await self._store.messages(cursor, drafts, lock=True)
@@ -226,6 +229,9 @@ class _Connections:
         self.pool = pool
         self.timeout = timeout
         self._available = True
+        self._kept: _Lease | None = None  # the writer's (see cursor)
+        # A pool of one connection is everybody's: the writer keeps none of it.
+        self._may_keep = (pool.maxsize or 0) > 1
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiopg.Cursor]:
@@ -233,24 +239,32 @@ class _Connections:
             yield cursor
 
     @contextlib.asynccontextmanager
-    async def cursor(self, within: float | None = None) -> AsyncIterator[aiopg.Cursor]:
-        """Raises BackendUnavailable when the statements run on the cursor were not
+    async def cursor(
+        self, within: float | None = None, *, kept: bool = False
+    ) -> AsyncIterator[aiopg.Cursor]:
+        """A cursor on a connection of the pool, given back when the block ends; with
+        `kept`, for the group commit's one writer task, the connection and its cursor
+        stay out of the pool between calls (no pool round trip a batch) until one
+        fails or give_back() is called.
+
+        Raises BackendUnavailable when the statements run on the cursor were not
         applied, InDoubt when they may have been: the connection broke or timed out
         after one was sent, and PostgreSQL may have committed it before that."""
+        kept = kept and self._may_keep
         sent = False
         try:
-            async with (
-                asyncio.timeout(within or self.timeout),
-                self.pool.acquire() as connection,
-            ):
+            async with asyncio.timeout(within or self.timeout):
+                lease = await (self._keep() if kept else self._lease())
                 try:
-                    async with connection.cursor() as cursor:
-                        sent = True
-                        yield cursor
+                    sent = True
+                    yield lease.cursor
                 except (*_DRIVER_ERRORS, asyncio.CancelledError):
                     # Its state is unknown now: closed, the pool drops it for a new one.
-                    connection.close()
+                    lease.connection.close()
                     raise
+                finally:
+                    if not kept or lease.connection.closed:
+                        await self._give_back(lease)
         except _DRIVER_ERRORS as error:
             self._lost(error)
             # An error PostgreSQL sent (it has a code) ended the transaction: rolled back.
@@ -265,6 +279,36 @@ class _Connections:
             raise BackendUnavailable("PostgreSQL: the statement was cancelled") from None
         self._back()
 
+    async def give_back(self) -> None:
+        """Return the kept connection to the pool (before the pool closes)."""
+        if self._kept is not None:
+            await self._give_back(self._kept)
+
+    async def _keep(self) -> _Lease:
+        kept = self._kept
+        if kept is not None and kept.connection.closed:
+            # The server closed it while it was idle (aiopg reads every connection all
+            # the time): a new one, as the pool would hand out, not a statement in doubt.
+            await self._give_back(kept)
+            kept = None
+        if kept is None:
+            kept = self._kept = await self._lease()
+        return kept
+
+    async def _lease(self) -> _Lease:
+        connection = await self.pool.acquire()
+        try:
+            return _Lease(connection, await connection.cursor())
+        except BaseException:
+            await self.pool.release(connection)
+            raise
+
+    async def _give_back(self, lease: _Lease) -> None:
+        if self._kept is lease:
+            self._kept = None
+        lease.cursor.close()
+        await self.pool.release(lease.connection)
+
     def _lost(self, error: BaseException) -> None:
         if self._available:
             log.warning("PostgreSQL unavailable: %s", _reason(error))
@@ -274,6 +318,14 @@ class _Connections:
         if not self._available:
             log.info("PostgreSQL available again")
         self._available = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """A connection taken from the pool, and a cursor on it."""
+
+    connection: aiopg.Connection
+    cursor: aiopg.Cursor
 
 
 def _cancelled() -> bool:

@@ -845,15 +845,28 @@ async def test_calls_time_out_on_a_frozen_server_and_recover_after() -> None:
             member = new_member()
             await repository.add_member(room.id, member, uuid4())
             with cluster.frozen():  # a server that accepts nothing and answers nothing
-                results = await asyncio.gather(
-                    *(
-                        expect_unavailable(call)
-                        for call in unavailable_calls(repository, room.id, member)
-                    ),
+                # Sent on the writer's connection, which the server holds unanswered:
+                # in doubt, so the calls wait until it answers again.
+                writes = asyncio.gather(
+                    repository.add_message(chat(room.id, member, "frozen?")),
+                    repository.remove_member(room.id, member),
                     return_exceptions=True,
                 )
+                results = await asyncio.gather(
+                    *(expect_unavailable(call) for call in unavailable_reads(repository, room.id)),
+                    return_exceptions=True,
+                )
+                assert not writes.done()
             assert results == [None] * len(results)
-            await repository.ping()
+            said, left = await writes
+            # They went in one batch, so one transaction: both stored, or neither.
+            history = await texts(repository, room.id)
+            if isinstance(said, Message):
+                assert isinstance(left, Message)
+                assert history[-2:] == ["frozen?", "Teal Otter left"]
+            else:
+                assert type(said) is type(left) is BackendUnavailable, (said, left)
+                assert history == ["Teal Otter joined"]
             await repository.add_message(chat(room.id, member, "thawed"))
             assert (await texts(repository, room.id))[-1] == "thawed"
 
@@ -898,11 +911,18 @@ def unavailable_calls(
     repository: PostgresRepository, room_id: UUID, member: Member
 ) -> list[Awaitable[Any]]:
     return [
+        *unavailable_reads(repository, room_id),
+        repository.add_message(chat(room_id, member, "into the void")),
+        repository.remove_member(room_id, member),
+    ]
+
+
+def unavailable_reads(repository: PostgresRepository, room_id: UUID) -> list[Awaitable[Any]]:
+    """Calls outside the group commit: they fail at once, in doubt or not."""
+    return [
         repository.ping(),
         repository.get_room(room_id),
         repository.list_messages(room_id, Page()),
-        repository.add_message(chat(room_id, member, "into the void")),
-        repository.remove_member(room_id, member),
         repository.reap_expired_instances(),
         repository.delete_idle_rooms(0),
     ]
