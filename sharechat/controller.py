@@ -59,9 +59,7 @@ class Controller:
         self.instance_id = instance_id
         self._on_failed = on_failed
         self._rooms = LiveRooms(repository, queue, on_delivered)
-        self._housekeeping = Housekeeping(
-            repository, self._rooms, config, instance_id, self._remove_and_announce
-        )
+        self._housekeeping = Housekeeping(repository, self._rooms, config, instance_id)
         self._flusher = Flusher(config, refusals)
         self._background = _Background()  # messages, leaves, close handshakes
 
@@ -210,7 +208,7 @@ class Controller:
             await session.messages_sent()  # they reach the room before its `left` does
             await self._rooms.exit(session)
             if joined:
-                await self._record_leave(session.room_id, session.member)
+                await self._housekeeping.record_leave(session.room_id, session.member)
         finally:
             try:
                 closing = await session.stop()
@@ -218,20 +216,6 @@ class Controller:
                     self._background.keep(closing)
             finally:
                 self._rooms.gone(session)
-
-    async def _record_leave(self, room_id: UUID, member: Member) -> None:
-        try:
-            await self._remove_and_announce(room_id, member)
-        except BackendUnavailable as error:
-            log.warning("leave of %s not recorded yet: %s", member.id, error)
-            self._housekeeping.leave_later(room_id, member)
-
-    async def _remove_and_announce(self, room_id: UUID, member: Member) -> None:
-        """Raises BackendUnavailable when the removal is not recorded."""
-        left = await self._repository.remove_member(room_id, member)
-        log.debug("member left %s room %s", member.id, room_id)
-        if left is not None:
-            await self._rooms.publish(left)
 
     # -- the instance's life -----------------------------------------------------
 

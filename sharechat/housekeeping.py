@@ -1,10 +1,10 @@
 """Housekeeping: the chores each instance runs in the background, every few seconds.
 
-It renews the instance's lease, records the leaves the repository could not
-take at the time, reaps the members of instances whose lease ran out, deletes
-rooms that stayed empty too long, and audits the live rooms for messages
-stored but never published. A chore that fails is tried again soon; the loop
-lives as long as the process.
+It renews the instance's lease, records members' leaves (one the repository
+cannot take at once is tried again each round), reaps the members of instances
+whose lease ran out, deletes rooms that stayed empty too long, and audits the
+live rooms for messages stored but never published. A chore that fails is tried
+again soon; the loop lives as long as the process.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from uuid import UUID
 
 from sharechat.config import Config
@@ -24,9 +24,6 @@ log = logging.getLogger(__name__)
 
 RETRY = 0.25  # seconds between rounds while a chore fails
 
-RecordLeave = Callable[[UUID, Member], Awaitable[None]]
-
-
 class Housekeeping:
     def __init__(
         self,
@@ -34,22 +31,31 @@ class Housekeeping:
         rooms: LiveRooms,
         config: Config,
         instance_id: UUID,
-        record_leave: RecordLeave,
     ) -> None:
-        """`record_leave` removes a member and tells its room; raises BackendUnavailable."""
         self._repository = repository
         self._rooms = rooms
         self._config = config
         self._instance_id = instance_id
-        self._record_leave = record_leave
         self._unrecorded_leaves: list[tuple[UUID, Member]] = []
         self._audited: dict[UUID, int] = {}  # live room -> its newest message at the last audit
         self._postponed = False  # the last round failed
         self._stopping = asyncio.Event()
 
-    def leave_later(self, room_id: UUID, member: Member) -> None:
-        """A leave the repository did not take: recorded at the next round."""
-        self._unrecorded_leaves.append((room_id, member))
+    async def record_leave(self, room_id: UUID, member: Member) -> None:
+        """Remove the member and tell its room; if the repository does not take it
+        now, at the next round, and the next, until it does."""
+        try:
+            await self._remove_and_announce(room_id, member)
+        except BackendUnavailable as error:
+            log.warning("leave of %s not recorded yet: %s", member.id, error)
+            self._unrecorded_leaves.append((room_id, member))
+
+    async def _remove_and_announce(self, room_id: UUID, member: Member) -> None:
+        """Raises BackendUnavailable when the removal is not recorded."""
+        left = await self._repository.remove_member(room_id, member)
+        log.debug("member left %s room %s", member.id, room_id)
+        if left is not None:
+            await self._rooms.publish(left)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -115,7 +121,7 @@ class Housekeeping:
 
     async def _record_leaves(self) -> None:
         while self._unrecorded_leaves:
-            await self._record_leave(*self._unrecorded_leaves[0])
+            await self._remove_and_announce(*self._unrecorded_leaves[0])
             self._unrecorded_leaves.pop(0)
 
     async def _reap(self) -> None:
