@@ -30,7 +30,8 @@ DRIVER_ERRORS = (psycopg2.Error, OSError, TimeoutError, RuntimeError)
 
 class Connections:
     """The aiopg pool: each call bounded by `timeout`, every driver error turned into
-    BackendUnavailable, one log line when PostgreSQL goes away and one when it is back."""
+    BackendUnavailable or InDoubt, one log line when PostgreSQL goes away and one when
+    it is back."""
 
     def __init__(self, pool: aiopg.Pool, timeout: float) -> None:
         self.pool = pool

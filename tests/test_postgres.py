@@ -893,7 +893,7 @@ async def test_a_store_whose_connection_breaks_in_flight_is_found_out(
                     await asyncio.sleep(0.01)
                 if not committed:
                     await query(dsn, sa.select(sa.func.pg_terminate_backend(in_flight)))
-                await asyncio.sleep(0.3)  # the repository asks, and cannot get through
+                await asyncio.sleep(0.3)  # unreachable a while: the call must not answer meanwhile
                 assert not sending.done()
         # The lock released: the statement in flight commits first, then the look.
         if committed:
