@@ -56,7 +56,7 @@ class Worker:
             t0: int = await self.recv("go")
             start = t0 + self.plan.warmup_ns
             window = Window(start, start + self.plan.duration_ns)
-            await self.drive(session, t0, window)
+            await self.drive(t0, window)
             await until(lambda: all(m.settled for m in self.members), DRAIN_TIMEOUT)
             self.conn.send(("sent", {m.seat.idx: (m.sent, m.failed) for m in self.members}))
             expected: dict[int, int] = await self.recv("expect")
@@ -98,14 +98,14 @@ class Worker:
         self.pumps.append(asyncio.create_task(member.pump()))
         self.tally.connected += 1
 
-    async def drive(self, session: aiohttp.ClientSession, t0: int, window: Window) -> None:
+    async def drive(self, t0: int, window: Window) -> None:
         """Send (or churn) from t0 until the window ends, measuring this process's CPU."""
         for member in self.members:
             member.window = window
         await asyncio.sleep(max(0, t0 - time.monotonic_ns()) / 1e9)
         cpu = own_cpu()
         churners = [
-            churn(session, self.plan.serve_url(0, instance), window, self.tally)
+            churn(self.plan.serve_url(0, instance), window, self.tally)
             for instance in self.plan.churners
         ]
         senders = [m.paced(t0) if m.seat.period_ns else m.fill() for m in self.members]

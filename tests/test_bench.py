@@ -1,13 +1,15 @@
-"""The benchmark's own logic that needs no server: how seats are dealt and scheduled,
-how targets are judged, which backends a multi-instance run takes."""
+"""The benchmark's own logic: how seats are dealt and scheduled, how targets are judged,
+which backends a multi-instance run takes, and the churning client against a server."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from itertools import pairwise
+from typing import Any
 
 import pytest
 
+from bench.churn import Endpoint
 from bench.costs import Counters, Spent, lsn_bytes
 from bench.driver import instances_per_room, make_plans, make_seats
 from bench.results import Result, add_costs
@@ -15,6 +17,9 @@ from bench.run import parse_args
 from bench.scenarios import SCENARIOS
 from bench.spread import spread
 from bench.targets import Status, judge
+from sharechat.app import create_app
+from tests.conftest import Chat
+from tests.helpers import receive_json, suite_config
 
 MANY_ROOMS = next(s for s in SCENARIOS if s.name == "many-rooms")
 OPEN_LOOP = next(s for s in SCENARIOS if s.name == "open-loop-5000")
@@ -159,3 +164,26 @@ def test_spread_gives_the_median_and_range_and_counts_runs_that_met_a_target() -
     text = spread(runs)
     assert "| latency | postgres+redis | 3 | 1,600 (1,400-2,000) |" in text
     assert "latency: postgres+redis: acked/s ≥ 1.5x original: met in 2 of 3 runs" in text
+
+
+async def test_a_churning_client_joins_gets_its_joined_and_leaves(aiohttp_client: Any) -> None:
+    """The hand-made websocket client of the churn scenario is a member like any other."""
+    chat = Chat(await aiohttp_client(create_app(suite_config())))
+    room_id = await chat.room()
+    watcher, watcher_joined = await chat.join(room_id)
+    endpoint = Endpoint(str(chat.client.make_url(f"/api/serve/{room_id}")).replace("http", "ws", 1))
+    for _ in range(3):
+        assert await endpoint.join_and_leave() > 0
+        joined, left = await receive_json(watcher), await receive_json(watcher)
+        assert (joined["type"], left["type"]) == ("joined", "left")
+        assert joined["memberId"] == left["memberId"]
+    assert [m["id"] for m in await chat.members(room_id)] == [watcher_joined["memberId"]]
+    await watcher.close()
+
+
+async def test_a_churning_client_takes_a_refused_upgrade_for_an_error(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(suite_config()))
+    gone = "00000000-0000-4000-8000-000000000000"
+    endpoint = Endpoint(str(client.make_url(f"/api/serve/{gone}")).replace("http", "ws", 1))
+    with pytest.raises(ValueError, match="404"):
+        await endpoint.join_and_leave()
