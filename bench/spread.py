@@ -1,5 +1,10 @@
 """The run-to-run spread of repeated runs: per row, the median and range of the figures
-that targets read, and how many of the runs met each target."""
+that targets read, and how many of the runs met each target.
+
+A cell whose server crashed or that failed to run measured nothing whole: its
+figures are left out (they would be zeros or a fraction of a cell), and the
+row's run count says how many of its runs it was measured in.
+"""
 
 from __future__ import annotations
 
@@ -42,8 +47,10 @@ def spread(runs: list[list[Result]]) -> str:
     ]
     for scenario, label in keys:
         rows = cells[(scenario, label)]
-        figures = [summary([getattr(r, f) for r in rows]) for f, _ in FIGURES]
-        lines.append(row([scenario, label, str(len(rows)), *figures]))
+        measured = [r for r in rows if not (r.crashed or r.error)]
+        count = f"{len(measured)}" + ("" if len(measured) == len(rows) else f" of {len(rows)}")
+        figures = [summary([getattr(r, f) for r in measured]) for f, _ in FIGURES]
+        lines.append(row([scenario, label, count, *figures]))
     lines += ["", *tally([judge(results) for results in runs])]
     return "\n".join(lines)
 

@@ -166,6 +166,16 @@ def test_spread_gives_the_median_and_range_and_counts_runs_that_met_a_target() -
     assert "latency: postgres+redis: acked/s ≥ 1.5x original: met in 2 of 3 runs" in text
 
 
+def test_spread_leaves_out_the_figures_of_a_cell_that_crashed_or_failed() -> None:
+    runs = [
+        [row("throughput", "original", acked_per_s=430.0)],
+        [row("throughput", "original", acked_per_s=0.0, error="ServerDisconnectedError")],
+        [row("throughput", "original", acked_per_s=12.0, crashed=True)],
+        [row("throughput", "original", acked_per_s=572.0)],
+    ]
+    assert "| throughput | original | 2 of 4 | 501 (430-572) |" in spread(runs)
+
+
 async def test_a_churning_client_joins_gets_its_joined_and_leaves(aiohttp_client: Any) -> None:
     """The hand-made websocket client of the churn scenario is a member like any other."""
     chat = Chat(await aiohttp_client(create_app(suite_config())))
