@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from bench.frames import CLOSE, TEXT, masked, read_frame
 from bench.plan import Tally, Window
 
 JOIN_TIMEOUT = 10.0
 ERROR_PAUSE = 0.01  # do not spin on a server that refuses connections
-TEXT, CLOSE = 0x1, 0x8
 CLOSE_NORMAL = struct.pack("!H", 1000)
 
 
@@ -77,23 +77,3 @@ class Endpoint:
         if opcode != TEXT or orjson.loads(payload)["type"] != "joined":
             return 0
         return arrived
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The opcode and payload of one frame from a server (never masked, RFC 6455 5.1)."""
-    first, second = await reader.readexactly(2)
-    if second & 0x80:
-        raise ValueError("a server frame is masked")
-    length = second & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", await reader.readexactly(2))
-    elif length == 127:
-        (length,) = struct.unpack("!Q", await reader.readexactly(8))
-    return first & 0x0F, await reader.readexactly(length)
-
-
-def masked(opcode: int, payload: bytes) -> bytes:
-    """A final client frame of up to 125 bytes, masked as every client frame must be."""
-    mask = os.urandom(4)
-    body = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
-    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + body

@@ -8,6 +8,7 @@ import contextlib
 import os
 import struct
 
+from bench.frames import masked, read_frame
 from tests.helpers import WAIT
 
 
@@ -31,24 +32,11 @@ class RawWebSocket:
         return cls(reader, writer)
 
     def send_frame(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
-        length = len(payload)
-        if length < 126:
-            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-        else:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-        self.writer.write(header + mask + masked)
+        self.writer.write(masked(opcode, payload))
 
     async def read_frame(self) -> tuple[int, bytes]:
         async with asyncio.timeout(WAIT):
-            first, second = await self.reader.readexactly(2)
-            length = second & 0x7F
-            if length == 126:
-                (length,) = struct.unpack("!H", await self.reader.readexactly(2))
-            elif length == 127:
-                (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            return first & 0x0F, await self.reader.readexactly(length)
+            return await read_frame(self.reader)
 
     async def read_close_code(self) -> int:
         """Skip data frames until the close frame; return its code."""
