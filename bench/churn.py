@@ -10,15 +10,13 @@ the server. What the server sees is the same: an upgrade, a join, a clean close.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import struct
 import time
 from urllib.parse import urlsplit
 
 import orjson
 
-from bench.frames import CLOSE, TEXT, masked, read_frame
+from bench.frames import CLOSE, TEXT, masked, read_frame, read_upgrade, upgrade_request
 from bench.plan import Tally, Window
 
 JOIN_TIMEOUT = 10.0
@@ -49,10 +47,7 @@ class Endpoint:
         if parts.scheme != "ws" or parts.hostname is None or parts.port is None:
             raise ValueError(f"not a ws://host:port URL: {url}")
         self.host, self.port = parts.hostname, parts.port
-        self._upgrade = (
-            f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
-        ).encode()
+        self._netloc, self._path = parts.netloc, parts.path
 
     async def join_and_leave(self) -> int:
         """Monotonic time at which the own `joined` frame arrived, 0 if another frame
@@ -61,11 +56,8 @@ class Endpoint:
         async with asyncio.timeout(JOIN_TIMEOUT):
             reader, writer = await asyncio.open_connection(self.host, self.port)
             try:
-                key = base64.b64encode(os.urandom(16))
-                writer.write(self._upgrade + key + b"\r\n\r\n")
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not head.startswith(b"HTTP/1.1 101 "):
-                    raise ValueError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+                writer.write(upgrade_request(self._netloc, self._path))
+                await read_upgrade(reader)
                 opcode, payload = await read_frame(reader)
                 arrived = time.monotonic_ns()
                 writer.write(masked(CLOSE, CLOSE_NORMAL))

@@ -4,10 +4,27 @@ and so does the test suite's raw client, for what a well-behaved library will no
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import struct
 
 TEXT, CLOSE = 0x1, 0x8
+
+
+def upgrade_request(netloc: str, path: str) -> bytes:
+    """The HTTP request that opens a websocket (section 4.1), with a fresh key."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+    ).encode()
+
+
+async def read_upgrade(reader: asyncio.StreamReader) -> None:
+    """Read the server's answer to the upgrade; raises ValueError unless it is 101."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101 "):
+        raise ValueError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:

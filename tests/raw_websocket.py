@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
 import struct
 
-from bench.frames import masked, read_frame
+from bench.frames import CLOSE, masked, read_frame, read_upgrade, upgrade_request
 from tests.helpers import WAIT
 
 
@@ -20,15 +18,9 @@ class RawWebSocket:
     @classmethod
     async def connect(cls, host: str, port: int, path: str) -> RawWebSocket:
         reader, writer = await asyncio.open_connection(host, port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        writer.write(upgrade_request(f"{host}:{port}", path))
         async with asyncio.timeout(WAIT):
-            head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
+            await read_upgrade(reader)
         return cls(reader, writer)
 
     def send_frame(self, opcode: int, payload: bytes) -> None:
@@ -42,7 +34,7 @@ class RawWebSocket:
         """Skip data frames until the close frame; return its code."""
         while True:
             opcode, payload = await self.read_frame()
-            if opcode == 0x8:
+            if opcode == CLOSE:
                 code: int = struct.unpack("!H", payload[:2])[0]
                 return code
 
